@@ -1,0 +1,83 @@
+"""Parsing and validating a manager's configuration.
+
+``ManagerConfig.from_any`` accepts a dict, a dataclass, an attribute object (LightZero's
+``EasyDict`` world-model config) or a ``ManagerConfig``. Fields it does not know are ignored, since
+a world-model config carries many; fields it knows are validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Union
+
+from .errors import ConfigError
+from .eviction import EvictionStrategy, resolve_policy
+
+__all__ = ["ManagerConfig"]
+
+_SIZE_FIELDS = ("num_simulations", "max_cache_size", "init_pool_size", "recur_pool_size", "wm_pool_size")
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Sizes default to LightZero's rules: init ``min(max_cache_size, max(256, 2*num_simulations))``,
+    recur ``num_simulations * env_num``, wm ``env_num``."""
+
+    num_simulations: int = 50
+    max_cache_size: int = 5000
+    init_pool_size: Optional[int] = None
+    recur_pool_size: Optional[int] = None
+    wm_pool_size: Optional[int] = None
+    init_eviction_strategy: Union[EvictionStrategy, str] = EvictionStrategy.FIFO
+    recur_eviction_strategy: Union[EvictionStrategy, str] = EvictionStrategy.FIFO
+    wm_eviction_strategy: Union[EvictionStrategy, str] = EvictionStrategy.FIFO
+    lock: str = "rw"
+    lock_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in _SIZE_FIELDS:
+            value = getattr(self, name)
+            if value is None and name.endswith("_pool_size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config.{name} must be a positive int, got {value!r}")
+        for name in ("init_eviction_strategy", "recur_eviction_strategy", "wm_eviction_strategy"):
+            resolve_policy(getattr(self, name))  # raises ConfigError on an unknown name
+        if self.lock not in ("rw", "mutex"):
+            raise ConfigError(f"config.lock must be 'rw' or 'mutex', got {self.lock!r}")
+        t = self.lock_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ConfigError(f"config.lock_timeout must be a positive number of seconds, got {t!r}")
+
+    @classmethod
+    def from_any(cls, config: Any) -> "ManagerConfig":
+        """Build from a dict, dataclass, attribute object, ``ManagerConfig`` or None (defaults)."""
+        if config is None:
+            return cls()
+        if isinstance(config, ManagerConfig):
+            return config
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            source: Dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(config)}
+        elif isinstance(config, dict):
+            source = dict(config)
+        elif hasattr(config, "__dict__") or hasattr(config, "__getattr__"):
+            source = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
+        else:
+            raise ConfigError(f"config must be a dict, dataclass or attribute object, got {type(config).__name__}")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in source.items() if k in known}
+        return cls(**kwargs)
+
+    def init_size(self) -> int:
+        if self.init_pool_size is not None:
+            return self.init_pool_size
+        return min(self.max_cache_size, max(256, 2 * self.num_simulations))
+
+    def recur_size(self, env_num: int) -> int:
+        return self.recur_pool_size if self.recur_pool_size is not None else self.num_simulations * env_num
+
+    def wm_size(self, env_num: int) -> int:
+        return self.wm_pool_size if self.wm_pool_size is not None else env_num
+

@@ -1,0 +1,181 @@
+"""``KVCacheManager``: UniZero's three cache systems as one object.
+
+* ``init_pools[env_id]``: one pool per environment for root ("initial inference") entries;
+* ``recur_pool``: one pool shared by every environment's MCTS simulations;
+* ``wm_pool``: a small staging pool.
+
+The manager only routes calls to pools and gathers statistics; how a pool stores or locks is
+the pool's business. Each pool has its own lock, so environments never contend with each other
+on their init pools.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from .config import ManagerConfig
+from .errors import ClosedError, ConfigError, EnvIdError
+from .pool import KVCachePool
+from .stats import StatsSnapshot
+
+__all__ = ["KVCacheManager"]
+
+
+class KVCacheManager:
+    """Per-env init pools, a shared recur pool and a wm pool, with the starting design's API.
+
+    ``config`` is a dict, dataclass, attribute object (LightZero's world-model config) or
+    :class:`~concurrent_kv.config.ManagerConfig`; see that class for the fields read.
+    """
+
+    def __init__(self, config: Any, env_num: int, enable_stats: bool = True) -> None:
+        if isinstance(env_num, bool) or not isinstance(env_num, int) or env_num <= 0:
+            raise ConfigError(f"env_num must be a positive int, got {env_num!r}")
+        if not isinstance(enable_stats, bool):
+            raise ConfigError(f"enable_stats must be a bool, got {enable_stats!r}")
+        self.config = ManagerConfig.from_any(config)
+        self.env_num = env_num
+        self.enable_stats = enable_stats
+        self._closed = False
+        cfg = self.config
+
+        def pool(size: int, strategy: Any, name: str) -> KVCachePool:
+            return KVCachePool(
+                size, strategy, enable_stats, name, lock=cfg.lock, lock_timeout=cfg.lock_timeout
+            )
+
+        self.init_pools: List[KVCachePool] = [
+            pool(cfg.init_size(), cfg.init_eviction_strategy, f"init_env{e}") for e in range(env_num)
+        ]
+        self.recur_pool = pool(cfg.recur_size(env_num), cfg.recur_eviction_strategy, "recurrent")
+        self.wm_pool = pool(cfg.wm_size(env_num), cfg.wm_eviction_strategy, "world_model")
+        # Per-call scratch lists that LightZero's world model keeps on its manager.
+        self.keys_values_wm_list: List[Any] = []
+        self.keys_values_wm_size_list: List[int] = []
+
+    # -- routing -------------------------------------------------------------------------
+
+    def _init_pool(self, env_id: int) -> KVCachePool:
+        if self._closed:
+            raise ClosedError("KVCacheManager is closed")
+        if isinstance(env_id, bool) or not isinstance(env_id, int) or not 0 <= env_id < self.env_num:
+            raise EnvIdError(f"env_id must be an int in [0, {self.env_num}), got {env_id!r}")
+        return self.init_pools[env_id]
+
+    def get_init_cache(self, env_id: int, cache_key: int) -> Optional[Any]:
+        """A private copy of env ``env_id``'s root entry under ``cache_key``, or None."""
+        return self._init_pool(env_id).get(cache_key)
+
+    def set_init_cache(self, env_id: int, cache_key: int, kv_cache: Any) -> int:
+        """Deep-copy a root entry into env ``env_id``'s init pool; return its slot."""
+        return self._init_pool(env_id).set(cache_key, kv_cache)
+
+    def get_recur_cache(self, cache_key: int) -> Optional[Any]:
+        """A private copy of the recur-pool entry under ``cache_key``, or None."""
+        return self.recur_pool.get(cache_key)
+
+    def set_recur_cache(self, cache_key: int, kv_cache: Any) -> int:
+        """Deep-copy an entry into the shared recur pool; return its slot."""
+        return self.recur_pool.set(cache_key, kv_cache)
+
+    def get_wm_cache(self, cache_key: int) -> Optional[Any]:
+        return self.wm_pool.get(cache_key)
+
+    def set_wm_cache(self, cache_key: int, kv_cache: Any) -> int:
+        return self.wm_pool.set(cache_key, kv_cache)
+
+    def hierarchical_get(self, env_id: int, cache_key: int) -> Optional[Any]:
+        """Env ``env_id``'s init pool first, then the recur pool (UniZero's lookup order)."""
+        found = self._init_pool(env_id).get(cache_key)
+        return found if found is not None else self.recur_pool.get(cache_key)
+
+    # -- clearing ------------------------------------------------------------------------
+
+    def clear_all(self) -> None:
+        """Empty every pool (storage is kept for reuse) and the scratch lists."""
+        for p in self.pools():
+            p.clear()
+        self.keys_values_wm_list.clear()
+        self.keys_values_wm_size_list.clear()
+
+    def clear_init_caches(self, env_id: Optional[int] = None) -> None:
+        """Empty one env's init pool, or all of them when ``env_id`` is None."""
+        if env_id is None:
+            for p in self.init_pools:
+                p.clear()
+        else:
+            self._init_pool(env_id).clear()
+
+    def clear_recur_cache(self) -> None:
+        """Empty the recur pool (UniZero does this once per MCTS search)."""
+        self.recur_pool.clear()
+
+    # -- statistics ----------------------------------------------------------------------
+
+    def pools(self) -> List[KVCachePool]:
+        """Every pool: init pools in env order, then recur, then wm."""
+        return [*self.init_pools, self.recur_pool, self.wm_pool]
+
+    def get_stats_summary(self, as_strings: bool = False) -> Dict[str, Any]:
+        """Per-pool counters and rates.
+
+        ``{'stats_enabled': True, 'init_pools': {'env_0': {...}, ...}, 'recur_pool': {...},
+        'wm_pool': {...}, 'total': {...}}`` with each ``{...}`` a flat dict of counters and rates.
+        ``as_strings=True`` gives the starting design's form, each pool as ``'CacheStats(...)'``.
+        """
+        if not self.enable_stats:
+            return {"stats_enabled": False}
+        render = str if as_strings else StatsSnapshot.as_dict
+        snaps = {p.name: p.stats_snapshot() for p in self.pools()}
+        summary: Dict[str, Any] = {
+            "stats_enabled": True,
+            "init_pools": {f"env_{e}": render(snaps[p.name]) for e, p in enumerate(self.init_pools)},
+            "recur_pool": render(snaps[self.recur_pool.name]),
+            "wm_pool": render(snaps[self.wm_pool.name]),
+        }
+        if not as_strings:
+            total = StatsSnapshot()
+            for s in snaps.values():
+                total = total + s
+            summary["total"] = total.as_dict()
+        return summary
+
+    def flat_stats(self, prefix: str = "kv_cache") -> Dict[str, float]:
+        """``{'kv_cache/recurrent/hit_rate': ..., ...}`` for ``SummaryWriter.add_scalar``."""
+        out: Dict[str, float] = {}
+        for p in self.pools():
+            for name, value in p.stats_snapshot().as_dict().items():
+                out[f"{prefix}/{p.name}/{name}"] = value
+        return out
+
+    def reset_stats(self) -> None:
+        """Zero every pool's counters."""
+        for p in self.pools():
+            p.reset_stats()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Run every pool's invariant check (see :meth:`KVCachePool.check`)."""
+        for p in self.pools():
+            p.check()
+
+    def close(self) -> None:
+        """Close every pool and release its storage. Idempotent."""
+        self._closed = True
+        for p in self.pools():
+            p.close()
+
+    def __enter__(self) -> "KVCacheManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        sizes = [len(p) for p in self.init_pools]
+        return (
+            f"KVCacheManager(env_num={self.env_num}, init_caches={sizes}, "
+            f"recur_cache={len(self.recur_pool)}/{self.recur_pool.capacity}, "
+            f"wm_cache={len(self.wm_pool)}/{self.wm_pool.capacity})"
+        )

@@ -1,0 +1,72 @@
+"""Slot storage: one preallocated tensor holding every slot of a pool.
+
+``block`` has shape ``(capacity, 2 * layers, n, heads, max_tokens, head_dim)``: each slot is one
+contiguous region, so a store or a read is a single ``copy_`` when the entry is one of our
+:class:`~concurrent_kv.entry.KeysValues` (and one fused ``_foreach_copy_`` otherwise). Token counts
+sit beside it. Storage knows nothing of keys, policies or locks: the pool decides which slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from .entry import EntrySpec, KeysValues, entry_tensors
+
+__all__ = ["SlotStorage"]
+
+
+class SlotStorage:
+    """``capacity`` slots of entries shaped by ``spec``, allocated once."""
+
+    def __init__(self, spec: EntrySpec, capacity: int, block: Optional[torch.Tensor] = None) -> None:
+        self.spec = spec
+        self.capacity = capacity
+        if block is None:
+            block = torch.zeros((capacity, *spec.block_shape), dtype=spec.dtype, device=spec.device)
+        self.block = block
+        self._slots: List[torch.Tensor] = list(block.unbind(0))  # one view per slot, made once
+        self._parts: List[Optional[List[torch.Tensor]]] = [None] * capacity  # per-tensor views, made on demand
+        self._sizes: List[Tuple[int, ...]] = [(0,) * (2 * spec.num_layers)] * capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self.block.numel() * self.block.element_size()
+
+    def sizes(self, slot: int) -> Tuple[int, ...]:
+        return self._sizes[slot]
+
+    @torch.no_grad()
+    def write(self, slot: int, entry: Any, tensors: Sequence[torch.Tensor], sizes: Tuple[int, ...]) -> None:
+        """Deep-copy a validated entry (see ``EntrySpec.check``) into ``slot``."""
+        block = entry.block_if_intact() if isinstance(entry, KeysValues) else None
+        if block is not None:
+            self._slots[slot].copy_(block)
+        else:
+            parts = self._parts[slot]
+            if parts is None:
+                parts = self._parts[slot] = list(self._slots[slot].unbind(0))
+            torch._foreach_copy_(parts, list(tensors))
+        self._sizes[slot] = tuple(int(s) for s in sizes)
+
+    @torch.no_grad()
+    def read(self, slot: int, out: Optional[Any] = None) -> Any:
+        """A private deep copy of ``slot``: a new :class:`KeysValues`, or copied into ``out``."""
+        if out is None:
+            return KeysValues.from_block(self._slots[slot].clone(), self._sizes[slot])
+        target = out.block_if_intact() if isinstance(out, KeysValues) else None
+        if target is not None:
+            target.copy_(self._slots[slot])
+        else:
+            tensors, _ = entry_tensors(out)
+            torch._foreach_copy_(tensors, list(self._slots[slot].unbind(0)))
+        sizes = self._sizes[slot]
+        for layer, i in zip(out._keys_values, range(0, len(sizes), 2)):
+            layer._k_cache._size = sizes[i]
+            layer._v_cache._size = sizes[i + 1]
+        return out
+
+    def view(self, slot: int) -> KeysValues:
+        """A zero-copy :class:`KeysValues` over ``slot`` (valid while the slot is pinned)."""
+        return KeysValues.from_block(self._slots[slot], self._sizes[slot])
