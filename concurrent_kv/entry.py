@@ -14,7 +14,7 @@ never imported here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -70,6 +70,18 @@ class Cache:
         return torch.zeros(
             self._num_samples, self._num_heads, self._max_tokens, self._head_dim, device=self._device, dtype=self._dtype
         )
+
+    @classmethod
+    def _wrap(cls, home: torch.Tensor, size: int) -> "Cache":
+        """A cache over an existing ``(n, heads, T, head_dim)`` view, without allocating."""
+        cache = cls.__new__(cls)
+        cache._num_samples, cache._num_heads, cache._max_tokens, cache._head_dim = home.shape
+        cache._device = home.device
+        cache._dtype = home.dtype
+        cache._home = home
+        cache._cache = home
+        cache._size = size
+        return cache
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -179,13 +191,23 @@ class KeysValues:
         )
 
     @classmethod
-    def from_block(cls, block: torch.Tensor, sizes: Sequence[int]) -> "KeysValues":
+    def from_block(
+        cls, block: torch.Tensor, sizes: Sequence[int], parts: Optional[Sequence[torch.Tensor]] = None
+    ) -> "KeysValues":
         """Wrap ``block`` ``(2*layers, n, heads, T, head_dim)`` without copying; ``sizes`` gives
-        each cache's ``_size`` in K0, V0, K1, V1, ... order."""
-        two_l, n, heads, tokens, head_dim = block.shape
-        kv = cls(n, heads, tokens, heads * head_dim, two_l // 2, block.device, block.dtype, _block=block)
-        for cache, size in zip(kv._caches(), sizes):
-            cache._size = int(size)
+        each cache's ``_size`` in K0, V0, K1, V1, ... order; ``parts`` may pass ``block.unbind(0)``
+        when the caller already has it (tensor views cost about a microsecond each)."""
+        if parts is None:
+            parts = block.unbind(0)
+        kv = cls.__new__(cls)
+        kv._block = block
+        layers = []
+        for i in range(0, len(parts), 2):
+            layer = KVCache.__new__(KVCache)
+            layer._k_cache = Cache._wrap(parts[i], sizes[i])
+            layer._v_cache = Cache._wrap(parts[i + 1], sizes[i + 1])
+            layers.append(layer)
+        kv._keys_values = tuple(layers)
         return kv
 
     def _caches(self) -> List[Cache]:
@@ -197,8 +219,8 @@ class KeysValues:
 
     def block_if_intact(self) -> Optional[torch.Tensor]:
         """The contiguous block, if every cache still points at its part of it."""
-        for cache in self._caches():
-            if cache._cache is not cache._home:
+        for layer in self._keys_values:
+            if layer._k_cache._cache is not layer._k_cache._home or layer._v_cache._cache is not layer._v_cache._home:
                 return None
         return self._block
 
@@ -327,11 +349,19 @@ class EntrySpec:
             self.dtype,
         )
 
-    def check(self, kv: Any) -> Tuple[List[torch.Tensor], Tuple[int, ...]]:
-        """Validate ``kv`` against this spec; return its tensors and sizes.
+    def check(self, kv: Any) -> Tuple[Union[torch.Tensor, List[torch.Tensor]], Tuple[int, ...]]:
+        """Validate ``kv`` against this spec; return its data and sizes.
 
+        The data is the entry's contiguous block when it is one of our intact
+        :class:`KeysValues` (one copy moves it), else its list of K0, V0, K1, V1, ... tensors.
         Raises :class:`InvalidEntryError` or :class:`EntryMismatchError` saying what was expected.
         """
+        block = kv.block_if_intact() if type(kv) is KeysValues else None
+        if block is not None:
+            sizes = tuple(c._size for layer in kv._keys_values for c in (layer._k_cache, layer._v_cache))
+            if block.shape == self.block_shape and block.dtype == self.dtype and block.device == self.device:
+                if all(type(x) is int and 0 <= x <= self.max_tokens for x in sizes):
+                    return block, sizes
         tensors, sizes = entry_tensors(kv)
         if len(tensors) != 2 * self.num_layers:
             raise EntryMismatchError(f"entry has {len(tensors) // 2} layers, the pool's slots hold {self.num_layers}")
@@ -345,4 +375,4 @@ class EntrySpec:
         for s in sizes:
             if not 0 <= s <= self.max_tokens:
                 raise EntryMismatchError(f"entry _size {s} is outside [0, {self.max_tokens}]")
-        return tensors, sizes
+        return tensors, tuple(int(x) for x in sizes)

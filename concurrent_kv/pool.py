@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Dict, List, Optional, Set, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
 
-from .entry import EntrySpec, KeysValues, entry_tensors
+from .entry import EntrySpec, KeysValues
 from .errors import ClosedError, ConfigError, EntryMismatchError, InvariantError, PoolExhaustedError
 from .eviction import EvictionPolicy, EvictionStrategy, check_priority, resolve_policy
 from .keys import check_key
@@ -274,10 +274,10 @@ class KVCachePool:
 
     # -- writes --------------------------------------------------------------------------
 
-    def _check_entry(self, kv: Any) -> EntrySpec:
+    def _check_entry(self, kv: Any) -> Tuple[EntrySpec, Any, Tuple[int, ...]]:
         spec = self._spec if self._spec is not None else EntrySpec.of(kv)
-        spec.check(kv)
-        return spec
+        data, sizes = spec.check(kv)
+        return spec, data, sizes
 
     def set(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
         """Deep-copy ``kv_cache`` into the pool under ``cache_key``; return its slot index.
@@ -290,8 +290,7 @@ class KVCachePool:
         key = check_key(cache_key)
         prio = 0.0 if priority is None else check_priority(priority)
         self._check_open()
-        spec = self._check_entry(kv_cache)
-        tensors, sizes = entry_tensors(kv_cache)
+        spec, data, sizes = self._check_entry(kv_cache)
         held = self._lock.acquire_write(self._timeout)
         try:
             self._check_open()
@@ -305,7 +304,7 @@ class KVCachePool:
                 slot = old if in_place else self._take_slot()
             assert self._storage is not None and slot is not None
             try:
-                self._storage.write(slot, kv_cache, tensors, sizes)
+                self._storage.write(slot, data, sizes)
             except BaseException:
                 with self._book:
                     if in_place:

@@ -8,7 +8,7 @@ sit beside it. Storage knows nothing of keys, policies or locks: the pool decide
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
@@ -37,31 +37,32 @@ class SlotStorage:
     def sizes(self, slot: int) -> Tuple[int, ...]:
         return self._sizes[slot]
 
-    @torch.no_grad()
-    def write(self, slot: int, entry: Any, tensors: Sequence[torch.Tensor], sizes: Tuple[int, ...]) -> None:
-        """Deep-copy a validated entry (see ``EntrySpec.check``) into ``slot``."""
-        block = entry.block_if_intact() if isinstance(entry, KeysValues) else None
-        if block is not None:
-            self._slots[slot].copy_(block)
+    def write(self, slot: int, data: Union[torch.Tensor, List[torch.Tensor]], sizes: Tuple[int, ...]) -> None:
+        """Deep-copy validated entry data (see ``EntrySpec.check``) into ``slot``."""
+        if isinstance(data, torch.Tensor):
+            self._slots[slot].copy_(data.detach() if data.requires_grad else data)
         else:
-            parts = self._parts[slot]
-            if parts is None:
-                parts = self._parts[slot] = list(self._slots[slot].unbind(0))
-            torch._foreach_copy_(parts, list(tensors))
-        self._sizes[slot] = tuple(int(s) for s in sizes)
+            torch._foreach_copy_(self._parts_of(slot), [t.detach() for t in data])
+        self._sizes[slot] = sizes
 
-    @torch.no_grad()
+    def _parts_of(self, slot: int) -> List[torch.Tensor]:
+        parts = self._parts[slot]
+        if parts is None:
+            parts = self._parts[slot] = list(self._slots[slot].unbind(0))
+        return parts
+
     def read(self, slot: int, out: Optional[Any] = None) -> Any:
-        """A private deep copy of ``slot``: a new :class:`KeysValues`, or copied into ``out``."""
+        """A private deep copy of ``slot``: a new :class:`KeysValues`, or copied into ``out``
+        (already validated against the spec)."""
+        sizes = self._sizes[slot]
         if out is None:
-            return KeysValues.from_block(self._slots[slot].clone(), self._sizes[slot])
-        target = out.block_if_intact() if isinstance(out, KeysValues) else None
+            return KeysValues.from_block(self._slots[slot].clone(), sizes)
+        target = out.block_if_intact() if type(out) is KeysValues else None
         if target is not None:
-            target.copy_(self._slots[slot])
+            target.detach().copy_(self._slots[slot])
         else:
             tensors, _ = entry_tensors(out)
-            torch._foreach_copy_(tensors, list(self._slots[slot].unbind(0)))
-        sizes = self._sizes[slot]
+            torch._foreach_copy_([t.detach() for t in tensors], self._parts_of(slot))
         for layer, i in zip(out._keys_values, range(0, len(sizes), 2)):
             layer._k_cache._size = sizes[i]
             layer._v_cache._size = sizes[i + 1]
@@ -69,4 +70,4 @@ class SlotStorage:
 
     def view(self, slot: int) -> KeysValues:
         """A zero-copy :class:`KeysValues` over ``slot`` (valid while the slot is pinned)."""
-        return KeysValues.from_block(self._slots[slot], self._sizes[slot])
+        return KeysValues.from_block(self._slots[slot], self._sizes[slot], self._parts_of(slot))
