@@ -62,32 +62,37 @@ class KVCacheManager:
             raise EnvIdError(f"env_id must be an int in [0, {self.env_num}), got {env_id!r}")
         return self.init_pools[env_id]
 
-    def get_init_cache(self, env_id: int, cache_key: int) -> Optional[Any]:
-        """A private copy of env ``env_id``'s root entry under ``cache_key``, or None."""
-        return self._init_pool(env_id).get(cache_key)
+    def get_init_cache(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        """A private copy of env ``env_id``'s root entry under ``cache_key``, or None.
+
+        Every getter takes ``out=``: copy into that entry instead of allocating (see
+        :meth:`KVCachePool.get`)."""
+        return self._init_pool(env_id).get(cache_key, out)
 
     def set_init_cache(self, env_id: int, cache_key: int, kv_cache: Any) -> int:
         """Deep-copy a root entry into env ``env_id``'s init pool; return its slot."""
         return self._init_pool(env_id).set(cache_key, kv_cache)
 
-    def get_recur_cache(self, cache_key: int) -> Optional[Any]:
+    def get_recur_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
         """A private copy of the recur-pool entry under ``cache_key``, or None."""
-        return self.recur_pool.get(cache_key)
+        return self.recur_pool.get(cache_key, out)
 
     def set_recur_cache(self, cache_key: int, kv_cache: Any) -> int:
         """Deep-copy an entry into the shared recur pool; return its slot."""
         return self.recur_pool.set(cache_key, kv_cache)
 
-    def get_wm_cache(self, cache_key: int) -> Optional[Any]:
-        return self.wm_pool.get(cache_key)
+    def get_wm_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        """A private copy of the wm-pool entry under ``cache_key``, or None."""
+        return self.wm_pool.get(cache_key, out)
 
     def set_wm_cache(self, cache_key: int, kv_cache: Any) -> int:
+        """Deep-copy an entry into the wm staging pool; return its slot."""
         return self.wm_pool.set(cache_key, kv_cache)
 
-    def hierarchical_get(self, env_id: int, cache_key: int) -> Optional[Any]:
+    def hierarchical_get(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
         """Env ``env_id``'s init pool first, then the recur pool (UniZero's lookup order)."""
-        found = self._init_pool(env_id).get(cache_key)
-        return found if found is not None else self.recur_pool.get(cache_key)
+        found = self._init_pool(env_id).get(cache_key, out)
+        return found if found is not None else self.recur_pool.get(cache_key, out)
 
     # -- clearing ------------------------------------------------------------------------
 

@@ -1,0 +1,122 @@
+"""Command line: ``python -m concurrent_kv demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional, Sequence, TextIO
+
+from .manager import KVCacheManager
+from .workload import WorkloadConfig, WorkloadResult, make_manager, run_collectors
+
+__all__ = ["main"]
+
+
+class ProgressBar:
+    """A one-line text progress bar on a terminal stream (no dependency)."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30) -> None:
+        self.total, self.stream, self.width = total, stream, width
+        self.done = 0
+        self._start = time.perf_counter()
+        self._last = 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self._last >= 0.1 or self.done >= self.total:
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        frac = self.done / self.total if self.total else 1.0
+        filled = int(frac * self.width)
+        rate = self.done / max(now - self._start, 1e-9)
+        bar = "#" * filled + "-" * (self.width - filled)
+        self.stream.write(f"\r[{bar}] {self.done}/{self.total} env steps  {rate:7.1f} steps/s")
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def format_table(rows: List[List[str]], header: List[str]) -> str:
+    """A plain aligned text table."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = "  ".join("-" * w for w in widths)
+    fmt = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([fmt(header), line, *(fmt(r) for r in rows)])
+
+
+def report(manager: KVCacheManager, cfg: WorkloadConfig, result: WorkloadResult) -> str:
+    """The demo's final table: per-pool stats, throughput and verified reads."""
+    rows = []
+    for pool in manager.pools():
+        s = pool.stats_snapshot()
+        rows.append([pool.name, f"{len(pool)}/{pool.capacity}", s.hits, s.misses, f"{s.hit_rate:.1%}",
+                     s.inserts, s.updates, s.evictions])
+    table = format_table(rows, ["pool", "used", "hits", "misses", "hit rate", "inserts", "updates", "evictions"])
+    t = result.total
+    entry_kib = cfg.spec.nbytes / 1024
+    lines = [
+        table,
+        "",
+        f"collectors (threads): {cfg.collectors}   envs: {cfg.env_num}   simulations/search: {cfg.num_simulations}"
+        f"   entry: {entry_kib:.0f} KiB   lock: {manager.config.lock}",
+        f"env steps: {t.steps}   cache ops: {t.ops}   elapsed: {result.elapsed_s:.2f} s   "
+        f"ops/s: {result.ops_per_s:,.0f}   env steps/s: {t.steps / result.elapsed_s:,.1f}",
+        f"reads: {t.reads}   hits: {t.hits}   verified against their key: {t.verified}/{t.hits}"
+        f"   corrupt: {t.corrupt}   errors: {len(t.errors)}",
+    ]
+    lines.extend(t.errors[:5])
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m concurrent_kv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="UniZero-shaped collectors sharing one KVCacheManager")
+    d = WorkloadConfig()
+    demo.add_argument("--envs", type=int, default=d.env_num, help="environments (default %(default)s)")
+    demo.add_argument("--collectors", type=int, default=d.collectors, help="collector threads (default %(default)s)")
+    demo.add_argument("--simulations", type=int, default=d.num_simulations, help="MCTS simulations per search")
+    demo.add_argument("--steps", type=int, default=50, help="env steps per env (default %(default)s)")
+    demo.add_argument("--episode-length", type=int, default=d.episode_length, help="steps between init-pool clears")
+    demo.add_argument("--layers", type=int, default=d.num_layers)
+    demo.add_argument("--heads", type=int, default=d.num_heads)
+    demo.add_argument("--context", type=int, default=d.context_length, help="tokens per entry (context_length)")
+    demo.add_argument("--head-dim", type=int, default=d.head_dim)
+    demo.add_argument("--lock", choices=["rw", "mutex"], default="rw", help="pool lock (default %(default)s)")
+    demo.add_argument("--recur-clear", choices=["auto", "global", "own", "none"], default="auto")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = WorkloadConfig(
+        env_num=args.envs,
+        collectors=args.collectors,
+        num_simulations=args.simulations,
+        steps=args.steps,
+        episode_length=args.episode_length,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        context_length=args.context,
+        head_dim=args.head_dim,
+        recur_clear=args.recur_clear,
+        seed=args.seed,
+    )
+    with make_manager(cfg, lock=args.lock) as manager:
+        bar = None if args.no_progress else ProgressBar(cfg.env_num * cfg.steps)
+        result = run_collectors(manager, cfg, on_step=None if bar is None else lambda: bar.advance(cfg.env_num // cfg.collectors))
+        if bar is not None and bar.done < bar.total:
+            bar.advance(bar.total - bar.done)
+        manager.check()
+        print(report(manager, cfg, result))
+    return 0 if result.all_hits_verified else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
