@@ -206,9 +206,9 @@ class KVCachePool:
             if self._read_books:
                 with self._book:
                     if slot is None:
-                        self._stats.misses += 1
+                        self._stats.misses += self._stats_on
                         return None
-                    self._stats.hits += 1
+                    self._stats.hits += self._stats_on
                     self._policy.touch(slot)
             elif slot is None:
                 return None
