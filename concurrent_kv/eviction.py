@@ -85,6 +85,14 @@ class EvictionPolicy(ABC):
     def clear(self) -> None:
         """Forget every slot."""
 
+    def rebuild(self, slots: List[int]) -> None:
+        """Rebuild the order from per-slot data after a crash left the links torn.
+
+        ``slots`` are the occupied slots; the policy orders them by what it recorded per slot.
+        Only shared pools need it (a crashed process can tear their links).
+        """
+        raise NotImplementedError(f"policy {self.name!r} cannot rebuild its order after a crash")
+
     @property
     def reads_mutate(self) -> bool:
         """Whether :meth:`touch` changes state (then readers must serialise it)."""
@@ -163,8 +171,17 @@ class FIFOPolicy(EvictionPolicy):
     def __init__(self, capacity: int, arrays: ArrayFactory = list_arrays) -> None:
         super().__init__(capacity, arrays)
         self._list = _SlotList(capacity, arrays)
+        # Per-slot stamp (insertion, or last use for LRU): the truth the links are rebuilt from.
+        self._stamp = arrays(capacity, 0, "i")
+        self._clock = arrays(1, 0, "i")
+
+    def _stamp_now(self, slot: int) -> None:
+        clock = self._clock
+        clock[0] += 1
+        self._stamp[slot] = clock[0]
 
     def insert(self, slot: int, priority: float) -> None:
+        self._stamp_now(slot)
         self._list.push_back(slot)
 
     def remove(self, slot: int) -> None:
@@ -182,6 +199,11 @@ class FIFOPolicy(EvictionPolicy):
     def clear(self) -> None:
         self._list.clear()
 
+    def rebuild(self, slots: List[int]) -> None:
+        self._list.clear()
+        for slot in sorted(slots, key=self._stamp.__getitem__):
+            self._list.push_back(slot)
+
 
 @register_policy
 class LRUPolicy(FIFOPolicy):
@@ -190,9 +212,11 @@ class LRUPolicy(FIFOPolicy):
     name = "lru"
 
     def touch(self, slot: int) -> None:
+        self._stamp_now(slot)
         self._list.move_to_back(slot)
 
     def update(self, slot: int, priority: float) -> None:
+        self._stamp_now(slot)
         self._list.move_to_back(slot)
 
 
@@ -209,8 +233,15 @@ class PriorityPolicy(EvictionPolicy):
         self._pos = arrays(capacity, -1, "i")  # slot -> heap position, -1 when absent
         self._prio = arrays(capacity, 0.0, "f")
         self._seq = arrays(capacity, 0, "i")  # insertion counter, breaks ties FIFO
-        self._size = 0
-        self._clock = 0
+        self._counts = arrays(2, 0, "i")  # [heap size, insertion clock]
+
+    @property
+    def _size(self) -> int:
+        return self._counts[0]
+
+    @_size.setter
+    def _size(self, value: int) -> None:
+        self._counts[0] = value
 
     def _less(self, a: int, b: int) -> bool:
         pa, pb = self._prio[a], self._prio[b]
@@ -248,8 +279,8 @@ class PriorityPolicy(EvictionPolicy):
 
     def insert(self, slot: int, priority: float) -> None:
         self._prio[slot] = float(priority)
-        self._seq[slot] = self._clock
-        self._clock += 1
+        self._seq[slot] = self._counts[1]
+        self._counts[1] += 1
         self._place(self._size, slot)
         self._size += 1
         self._sift_up(self._size - 1)
@@ -298,6 +329,14 @@ class PriorityPolicy(EvictionPolicy):
         for i in range(self._size):
             self._pos[self._heap[i]] = -1
         self._size = 0
+
+    def rebuild(self, slots: List[int]) -> None:
+        for slot in range(self.capacity):
+            self._pos[slot] = -1
+        self._size = 0
+        for i, slot in enumerate(sorted(slots, key=lambda s: (self._prio[s], self._seq[s]))):
+            self._place(i, slot)  # a sorted array is a valid heap
+        self._size = len(slots)
 
 
 def check_priority(priority: object) -> float:

@@ -23,6 +23,8 @@ def hash_state(latent: Any) -> int:
     through ``detach().cpu()`` and ``.view(-1)``, numpy arrays are used as they are.
     """
     if hasattr(latent, "detach") and hasattr(latent, "cpu"):
+        if str(latent.dtype) != "torch.float32":
+            raise InvalidKeyError(f"hash_state expects float32 data (LightZero's latents), got {latent.dtype}")
         latent = latent.detach().reshape(-1).cpu().numpy()
     elif not isinstance(latent, np.ndarray):
         raise InvalidKeyError(f"hash_state expects a torch.Tensor or numpy.ndarray, got {type(latent).__name__}")

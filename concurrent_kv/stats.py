@@ -8,11 +8,13 @@ is lost under threads. :meth:`CacheStats.snapshot` freezes the counters into a
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Dict
+from typing import Dict, MutableSequence
 
-__all__ = ["CacheStats", "StatsSnapshot"]
+__all__ = ["CacheStats", "StatsSnapshot", "HITS", "MISSES", "EVICTIONS", "INSERTS", "UPDATES"]
 
 _COUNTERS = ("hits", "misses", "evictions", "inserts", "updates")
+#: Positions of the counters in ``CacheStats.counters`` (and in a shared pool's stats rows).
+HITS, MISSES, EVICTIONS, INSERTS, UPDATES = range(5)
 
 
 def _rate(part: int, total: int) -> float:
@@ -70,18 +72,23 @@ class StatsSnapshot:
 class CacheStats:
     """Live hit/miss/eviction counters of one pool.
 
-    ``total_queries`` is derived (hits + misses) so the two can never disagree. The owner
-    serialises increments; readers get a consistent copy through :meth:`snapshot`.
+    ``total_queries`` is derived (hits + misses) so the two can never disagree. The counters live
+    in one small list, ``counters``, indexed by ``HITS`` ... ``UPDATES``: the pool increments it
+    directly under its bookkeeping lock, and a shared pool swaps in a row of shared memory.
     """
 
-    __slots__ = _COUNTERS
+    __slots__ = ("counters",)
 
     def __init__(self, hits: int = 0, misses: int = 0, evictions: int = 0, inserts: int = 0, updates: int = 0):
-        self.hits = hits
-        self.misses = misses
-        self.evictions = evictions
-        self.inserts = inserts
-        self.updates = updates
+        self.counters: MutableSequence[int] = [hits, misses, evictions, inserts, updates]
+
+    hits = property(lambda self: self.counters[HITS], lambda self, v: self.counters.__setitem__(HITS, v))
+    misses = property(lambda self: self.counters[MISSES], lambda self, v: self.counters.__setitem__(MISSES, v))
+    evictions = property(
+        lambda self: self.counters[EVICTIONS], lambda self, v: self.counters.__setitem__(EVICTIONS, v)
+    )
+    inserts = property(lambda self: self.counters[INSERTS], lambda self, v: self.counters.__setitem__(INSERTS, v))
+    updates = property(lambda self: self.counters[UPDATES], lambda self, v: self.counters.__setitem__(UPDATES, v))
 
     @property
     def total_queries(self) -> int:
@@ -97,12 +104,12 @@ class CacheStats:
 
     def reset(self) -> None:
         """Set every counter back to zero."""
-        for name in _COUNTERS:
-            setattr(self, name, 0)
+        for i in range(len(_COUNTERS)):
+            self.counters[i] = 0
 
     def snapshot(self) -> StatsSnapshot:
         """An immutable copy of the counters."""
-        return StatsSnapshot(self.hits, self.misses, self.evictions, self.inserts, self.updates)
+        return StatsSnapshot(*self.counters)
 
     def as_dict(self) -> Dict[str, float]:
         """See :meth:`StatsSnapshot.as_dict`."""

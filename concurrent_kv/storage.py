@@ -8,7 +8,7 @@ sit beside it. Storage knows nothing of keys, policies or locks: the pool decide
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, MutableSequence, Optional, Tuple, Union
 
 import torch
 
@@ -20,7 +20,15 @@ __all__ = ["SlotStorage"]
 class SlotStorage:
     """``capacity`` slots of entries shaped by ``spec``, allocated once."""
 
-    def __init__(self, spec: EntrySpec, capacity: int, block: Optional[torch.Tensor] = None) -> None:
+    def __init__(
+        self,
+        spec: EntrySpec,
+        capacity: int,
+        block: Optional[torch.Tensor] = None,
+        sizes: Optional[MutableSequence[int]] = None,
+    ) -> None:
+        """``block`` and ``sizes`` (flat, ``2 * layers`` per slot) may be handed in, e.g. from
+        shared memory; by default they are allocated here."""
         self.spec = spec
         self.capacity = capacity
         if block is None:
@@ -28,14 +36,21 @@ class SlotStorage:
         self.block = block
         self._slots: List[torch.Tensor] = list(block.unbind(0))  # one view per slot, made once
         self._parts: List[Optional[List[torch.Tensor]]] = [None] * capacity  # per-tensor views, made on demand
-        self._sizes: List[Tuple[int, ...]] = [(0,) * (2 * spec.num_layers)] * capacity
+        self._width = 2 * spec.num_layers
+        self._sizes: MutableSequence[int] = [0] * (capacity * self._width) if sizes is None else sizes
 
     @property
     def nbytes(self) -> int:
         return self.block.numel() * self.block.element_size()
 
     def sizes(self, slot: int) -> Tuple[int, ...]:
-        return self._sizes[slot]
+        base = slot * self._width
+        return tuple(self._sizes[base : base + self._width])
+
+    def _record_sizes(self, slot: int, sizes: Tuple[int, ...]) -> None:
+        base = slot * self._width
+        for i, size in enumerate(sizes):
+            self._sizes[base + i] = size
 
     def write(self, slot: int, data: Union[torch.Tensor, List[torch.Tensor]], sizes: Tuple[int, ...]) -> None:
         """Deep-copy validated entry data (see ``EntrySpec.check``) into ``slot``."""
@@ -43,7 +58,7 @@ class SlotStorage:
             self._slots[slot].copy_(data.detach() if data.requires_grad else data)
         else:
             torch._foreach_copy_(self._parts_of(slot), [t.detach() for t in data])
-        self._sizes[slot] = sizes
+        self._record_sizes(slot, sizes)
 
     def _parts_of(self, slot: int) -> List[torch.Tensor]:
         parts = self._parts[slot]
@@ -54,7 +69,7 @@ class SlotStorage:
     def read(self, slot: int, out: Optional[Any] = None) -> Any:
         """A private deep copy of ``slot``: a new :class:`KeysValues`, or copied into ``out``
         (already validated against the spec)."""
-        sizes = self._sizes[slot]
+        sizes = self.sizes(slot)
         if out is None:
             return KeysValues.from_block(self._slots[slot].clone(), sizes)
         target = out.block_if_intact() if type(out) is KeysValues else None
@@ -70,4 +85,4 @@ class SlotStorage:
 
     def view(self, slot: int) -> KeysValues:
         """A zero-copy :class:`KeysValues` over ``slot`` (valid while the slot is pinned)."""
-        return KeysValues.from_block(self._slots[slot], self._sizes[slot], self._parts_of(slot))
+        return KeysValues.from_block(self._slots[slot], self.sizes(slot), self._parts_of(slot))

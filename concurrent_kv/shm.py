@@ -1,0 +1,228 @@
+"""Shared-memory segments: create (owner-only, unguessable names, space checked), attach
+(header validated), clean up.
+
+A segment is a file under ``/dev/shm`` (``CONCURRENT_KV_SHM_DIR`` overrides the folder) created
+with mode 0600, ``O_EXCL`` and a random name, sized with ``posix_fallocate`` so that a full
+tmpfs fails *here* with :class:`SharedMemoryError` rather than with a SIGBUS on first touch.
+The first 64 bytes are a header: magic, layout version, owner pid, payload size and a layout
+digest that the attaching side must match. Nothing is ever unpickled from shared memory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import secrets
+import struct
+import weakref
+from typing import List, Optional, Set
+
+from .errors import ConcurrentKVError
+
+__all__ = ["SharedMemoryError", "AttachError", "Segment", "shm_dir", "leftover_segments", "remove_stale_segments"]
+
+MAGIC = b"CKVSEG01"
+LAYOUT_VERSION = 1
+PREFIX = "ckv-"
+HEADER = struct.Struct("<8sIIQQ32s")  # magic, version, flags, owner pid, payload bytes, layout digest
+HEADER_BYTES = 64
+
+
+class SharedMemoryError(ConcurrentKVError, OSError):
+    """Shared memory could not be created: not enough space, or the system refused."""
+
+
+class AttachError(ConcurrentKVError, ValueError):
+    """A segment is missing, foreign, truncated, or its layout does not match the handle."""
+
+
+def shm_dir() -> str:
+    return os.environ.get("CONCURRENT_KV_SHM_DIR", "/dev/shm")
+
+
+def new_name(label: str) -> str:
+    """An unguessable segment name (128 random bits)."""
+    safe = "".join(c if c.isalnum() else "_" for c in label)[:40]
+    return f"{PREFIX}{secrets.token_hex(16)}-{safe}"
+
+
+def _check_space(folder: str, nbytes: int) -> None:
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise SharedMemoryError(
+            f"shared memory needs {nbytes:,} bytes in {folder}, only {free:,} are free "
+            "(raise it, e.g. docker --shm-size, or make the pools smaller)"
+        )
+
+
+_owned: "weakref.WeakSet[Segment]" = weakref.WeakSet()
+
+
+class Segment:
+    """One mapped shared-memory file. ``payload`` is a writable memoryview past the header."""
+
+    def __init__(self, path: str, mm: mmap.mmap, owner: bool) -> None:
+        self.path = path
+        self._mm: Optional[mmap.mmap] = mm
+        self.owner = owner
+        self.owner_pid = os.getpid() if owner else HEADER.unpack_from(mm, 0)[3]
+        self._views: List[memoryview] = []
+        if owner:
+            _owned.add(self)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @classmethod
+    def create(cls, label: str, payload_bytes: int, digest: bytes) -> "Segment":
+        folder = shm_dir()
+        total = HEADER_BYTES + payload_bytes
+        _check_space(folder, total)
+        path = os.path.join(folder, new_name(label))
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, total)  # reserve every page now: ENOSPC here, not SIGBUS later
+            except OSError as exc:
+                raise SharedMemoryError(f"could not reserve {total:,} bytes in {folder}: {exc}") from None
+            mm = mmap.mmap(fd, total)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)  # the mapping keeps the memory; no descriptor stays open
+        HEADER.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, 0, os.getpid(), payload_bytes, digest.ljust(32, b"\0"))
+        return cls(path, mm, owner=True)
+
+    @classmethod
+    def attach(cls, path: str, payload_bytes: int, digest: bytes) -> "Segment":
+        if not os.path.basename(path).startswith(PREFIX) or os.path.dirname(path) != shm_dir():
+            raise AttachError(f"{path!r} is not a concurrent_kv segment in {shm_dir()}")
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise AttachError(f"segment {path!r} does not exist (was its owner closed?)") from None
+        except OSError as exc:
+            raise AttachError(f"cannot open segment {path!r}: {exc}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_BYTES:
+                raise AttachError(f"segment {path!r} is truncated ({size} bytes, no header)")
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        try:
+            magic, version, _, _, payload, seg_digest = HEADER.unpack_from(mm, 0)
+            if magic != MAGIC:
+                raise AttachError(f"segment {path!r} is not a concurrent_kv segment (bad magic)")
+            if version != LAYOUT_VERSION:
+                raise AttachError(f"segment {path!r} has layout version {version}, this build reads {LAYOUT_VERSION}")
+            if payload != payload_bytes or size < HEADER_BYTES + payload_bytes:
+                raise AttachError(
+                    f"segment {path!r} holds {size - HEADER_BYTES} payload bytes, the handle expects {payload_bytes}"
+                )
+            if seg_digest != digest.ljust(32, b"\0"):
+                raise AttachError(f"segment {path!r} has another layout (slot shape, dtype or capacity) than the handle")
+        except BaseException:
+            mm.close()
+            raise
+        return cls(path, mm, owner=False)
+
+    def view(self, offset: int, nbytes: int, fmt: str = "B") -> memoryview:
+        """A view of ``nbytes`` payload bytes at ``offset``, cast to ``fmt``; released on close."""
+        assert self._mm is not None
+        base = memoryview(self._mm)[HEADER_BYTES + offset : HEADER_BYTES + offset + nbytes]
+        view = base.cast(fmt) if fmt != "B" else base
+        self._views.append(base)
+        if view is not base:
+            self._views.append(view)
+        return view
+
+    @property
+    def buffer(self) -> mmap.mmap:
+        assert self._mm is not None
+        return self._mm
+
+    def close(self, unlink: Optional[bool] = None) -> None:
+        """Unmap (after releasing every view handed out); the owner also unlinks the file."""
+        if self._mm is None:
+            return
+        for v in reversed(self._views):
+            v.release()
+        self._views.clear()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes when it does
+        self._mm = None
+        if self.owner if unlink is None else unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            _owned.discard(self)
+
+
+def leftover_segments() -> List[str]:
+    """Names of concurrent_kv segments present in the shared-memory folder."""
+    try:
+        return sorted(n for n in os.listdir(shm_dir()) if n.startswith(PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_segments() -> Set[str]:
+    """Unlink segments whose owner process is gone (left by an owner killed with SIGKILL)."""
+    removed: Set[str] = set()
+    for name in leftover_segments():
+        path = os.path.join(shm_dir(), name)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(HEADER.size)
+            magic, _, _, owner_pid, _, _ = HEADER.unpack(head)
+        except (OSError, struct.error):
+            continue
+        if magic == MAGIC and not _pid_alive(owner_pid):
+            try:
+                os.unlink(path)
+                removed.add(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+@atexit.register
+def _unlink_owned_at_exit() -> None:
+    """An owner that exits without close() still leaves nothing behind."""
+    for seg in list(_owned):
+        if seg.owner and seg.owner_pid == os.getpid():
+            try:
+                os.unlink(seg.path)
+            except FileNotFoundError:
+                pass
+
+
+def _forget_owned_in_child() -> None:
+    # A forked child must never unlink its parent's segments.
+    for seg in list(_owned):
+        seg.owner = False
+    _owned.clear()
+
+
+os.register_at_fork(after_in_child=_forget_owned_in_child)
