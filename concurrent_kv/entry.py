@@ -117,7 +117,11 @@ class Cache:
             else:
                 self._cache[:, :, : self._size - shift, :] = self._cache[:, :, shift : self._size, :].clone()
                 self._size -= shift
-        self._cache = _AssignWithoutInplaceCheck.apply(self._cache, x, self._size, self._size + tokens)
+        updated = _AssignWithoutInplaceCheck.apply(self._cache, x, self._size, self._size + tokens)
+        home = self._home
+        if home is not None and updated.grad_fn is None and updated.data_ptr() == home.data_ptr():
+            updated = home  # same memory, no graph: keep the block intact (one-copy stores)
+        self._cache = updated
         self._size += tokens
 
 

@@ -69,25 +69,27 @@ class KVCacheManager:
         :meth:`KVCachePool.get`)."""
         return self._init_pool(env_id).get(cache_key, out)
 
-    def set_init_cache(self, env_id: int, cache_key: int, kv_cache: Any) -> int:
-        """Deep-copy a root entry into env ``env_id``'s init pool; return its slot."""
-        return self._init_pool(env_id).set(cache_key, kv_cache)
+    def set_init_cache(self, env_id: int, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
+        """Deep-copy a root entry into env ``env_id``'s init pool; return its slot.
+
+        Every setter takes ``priority=`` for pools configured with PRIORITY eviction."""
+        return self._init_pool(env_id).set(cache_key, kv_cache, priority)
 
     def get_recur_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
         """A private copy of the recur-pool entry under ``cache_key``, or None."""
         return self.recur_pool.get(cache_key, out)
 
-    def set_recur_cache(self, cache_key: int, kv_cache: Any) -> int:
+    def set_recur_cache(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
         """Deep-copy an entry into the shared recur pool; return its slot."""
-        return self.recur_pool.set(cache_key, kv_cache)
+        return self.recur_pool.set(cache_key, kv_cache, priority)
 
     def get_wm_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
         """A private copy of the wm-pool entry under ``cache_key``, or None."""
         return self.wm_pool.get(cache_key, out)
 
-    def set_wm_cache(self, cache_key: int, kv_cache: Any) -> int:
+    def set_wm_cache(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
         """Deep-copy an entry into the wm staging pool; return its slot."""
-        return self.wm_pool.set(cache_key, kv_cache)
+        return self.wm_pool.set(cache_key, kv_cache, priority)
 
     def hierarchical_get(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
         """Env ``env_id``'s init pool first, then the recur pool (UniZero's lookup order)."""

@@ -52,7 +52,6 @@ class WorkloadConfig:
     num_simulations: int = 25
     steps: int = 20
     episode_length: int = 50
-    branching: int = 6
     num_layers: int = 2
     num_heads: int = 8
     context_length: int = 8
@@ -61,7 +60,7 @@ class WorkloadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("env_num", "collectors", "num_simulations", "steps", "episode_length", "branching",
+        for name in ("env_num", "collectors", "num_simulations", "steps", "episode_length",
                      "num_layers", "num_heads", "context_length", "head_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
