@@ -2,7 +2,8 @@
 
 A drop-in successor to the KV caches of LightZero's UniZero: per-environment init pools, a
 shared recur pool and a wm pool behind one :class:`KVCacheManager`, each pool with its own
-reader-writer lock, preallocated slot storage and FIFO / LRU / PRIORITY eviction.
+reader-writer lock, preallocated slot storage and FIFO / LRU / PRIORITY eviction. With
+``shared=True`` the pools live in shared memory and worker processes attach by handle.
 """
 
 from .config import ManagerConfig
@@ -22,8 +23,9 @@ from .errors import (
 )
 from .eviction import EvictionPolicy, EvictionStrategy, FIFOPolicy, LRUPolicy, PriorityPolicy, register_policy
 from .keys import hash_state
-from .manager import KVCacheManager
-from .pool import KVCachePool, Lease
+from .manager import KVCacheManager, ManagerHandle
+from .pool import KVCachePool, Lease, Occupancy, PoolHandle
+from .shm import AttachError, SharedMemoryError
 from .stats import CacheStats, StatsSnapshot
 
 __version__ = "0.1.0"
@@ -32,6 +34,11 @@ __all__ = [
     "KVCacheManager",
     "KVCachePool",
     "Lease",
+    "Occupancy",
+    "PoolHandle",
+    "ManagerHandle",
+    "AttachError",
+    "SharedMemoryError",
     "ManagerConfig",
     "KeysValues",
     "KVCache",

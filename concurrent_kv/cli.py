@@ -8,7 +8,7 @@ import time
 from typing import List, Optional, Sequence, TextIO
 
 from .manager import KVCacheManager
-from .workload import WorkloadConfig, WorkloadResult, make_manager, run_collectors
+from .workload import WorkloadConfig, WorkloadResult, make_manager, run_collectors, run_processes
 
 __all__ = ["main"]
 
@@ -48,7 +48,7 @@ def format_table(rows: List[List[str]], header: List[str]) -> str:
     return "\n".join([fmt(header), line, *(fmt(r) for r in rows)])
 
 
-def report(manager: KVCacheManager, cfg: WorkloadConfig, result: WorkloadResult) -> str:
+def report(manager: KVCacheManager, cfg: WorkloadConfig, result: WorkloadResult, processes: int = 0) -> str:
     """The demo's final table: per-pool stats, throughput and verified reads."""
     rows = []
     for pool in manager.pools():
@@ -61,12 +61,15 @@ def report(manager: KVCacheManager, cfg: WorkloadConfig, result: WorkloadResult)
     lines = [
         table,
         "",
-        f"collectors (threads): {cfg.collectors}   envs: {cfg.env_num}   simulations/search: {cfg.num_simulations}"
-        f"   entry: {entry_kib:.0f} KiB   lock: {manager.config.lock}",
+        (f"worker processes: {processes} x {max(1, cfg.collectors // processes)} threads" if processes
+         else f"collectors (threads): {cfg.collectors}")
+        + f"   envs: {cfg.env_num}   simulations/search: {cfg.num_simulations}"
+        f"   entry: {entry_kib:.0f} KiB   lock: {manager.config.lock}   shared memory: {manager.shared}",
         f"env steps: {t.steps}   cache ops: {t.ops}   elapsed: {result.elapsed_s:.2f} s   "
         f"ops/s: {result.ops_per_s:,.0f}   env steps/s: {t.steps / result.elapsed_s:,.1f}",
         f"reads: {t.reads}   hits: {t.hits}   verified against their key: {t.verified}/{t.hits}"
         f"   corrupt: {t.corrupt}   errors: {len(t.errors)}",
+        f"hits that crossed a process boundary: {t.foreign_hits}",
     ]
     lines.extend(t.errors[:5])
     return "\n".join(lines)
@@ -86,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--heads", type=int, default=d.num_heads)
     demo.add_argument("--context", type=int, default=d.context_length, help="tokens per entry (context_length)")
     demo.add_argument("--head-dim", type=int, default=d.head_dim)
+    demo.add_argument("--processes", type=int, default=0,
+                      help="run the collectors in N worker processes sharing the manager (default: threads only)")
+    demo.add_argument("--start-method", choices=["spawn", "fork", "forkserver"], default="spawn")
+    demo.add_argument("--shared-keys", type=float, default=None,
+                      help="chance a child state is common to all envs (default 0.25 with --processes, else 0)")
     demo.add_argument("--lock", choices=["rw", "mutex"], default="rw", help="pool lock (default %(default)s)")
     demo.add_argument("--recur-clear", choices=["auto", "global", "own", "none"], default="auto")
     demo.add_argument("--seed", type=int, default=0)
@@ -106,15 +114,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         context_length=args.context,
         head_dim=args.head_dim,
         recur_clear=args.recur_clear,
+        shared_keys=args.shared_keys if args.shared_keys is not None else (0.25 if args.processes else 0.0),
         seed=args.seed,
     )
-    with make_manager(cfg, lock=args.lock) as manager:
+    shared = args.processes > 0
+    with make_manager(cfg, lock=args.lock, shared=shared) as manager:
         bar = None if args.no_progress else ProgressBar(cfg.env_num * cfg.steps)
-        result = run_collectors(manager, cfg, on_step=None if bar is None else lambda: bar.advance(cfg.env_num // cfg.collectors))
+        if shared:
+            on_progress = None if bar is None else (lambda done: bar.advance(done - bar.done) if done > bar.done else None)
+            result = run_processes(manager, cfg, args.processes, args.start_method, on_progress)
+        else:
+            result = run_collectors(manager, cfg, on_step=None if bar is None else bar.advance)
         if bar is not None and bar.done < bar.total:
             bar.advance(bar.total - bar.done)
         manager.check()
-        print(report(manager, cfg, result))
+        print(report(manager, cfg, result, args.processes))
     return 0 if result.all_hits_verified else 1
 
 

@@ -12,12 +12,14 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Union
 
+from .entry import EntrySpec
 from .errors import ConfigError
 from .eviction import EvictionStrategy, resolve_policy
 
 __all__ = ["ManagerConfig"]
 
 _SIZE_FIELDS = ("num_simulations", "max_cache_size", "init_pool_size", "recur_pool_size", "wm_pool_size")
+_SHAPE_FIELDS = ("num_layers", "num_heads", "embed_dim", "context_length")
 
 
 @dataclass(frozen=True)
@@ -35,16 +37,24 @@ class ManagerConfig:
     wm_eviction_strategy: Union[EvictionStrategy, str] = EvictionStrategy.FIFO
     lock: str = "rw"
     lock_timeout: float = 30.0
+    # The entry shape, needed up front by shared pools; LightZero's world-model config has these.
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    embed_dim: Optional[int] = None
+    context_length: Optional[int] = None
+    max_workers: int = 64
 
     def __post_init__(self) -> None:
-        for name in _SIZE_FIELDS:
+        for name in _SIZE_FIELDS + _SHAPE_FIELDS + ("max_workers",):
             value = getattr(self, name)
-            if value is None and name.endswith("_pool_size"):
+            if value is None and (name.endswith("_pool_size") or name in _SHAPE_FIELDS):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config.{name} must be a positive int, got {value!r}")
         for name in ("init_eviction_strategy", "recur_eviction_strategy", "wm_eviction_strategy"):
             resolve_policy(getattr(self, name))  # raises ConfigError on an unknown name
+        if self.num_heads and self.embed_dim and self.embed_dim % self.num_heads:
+            raise ConfigError(f"config.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.lock not in ("rw", "mutex"):
             raise ConfigError(f"config.lock must be 'rw' or 'mutex', got {self.lock!r}")
         t = self.lock_timeout
@@ -69,6 +79,13 @@ class ManagerConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in source.items() if k in known}
         return cls(**kwargs)
+
+    def entry_spec(self) -> Optional[EntrySpec]:
+        """UniZero's entry shape from the config (n=1, float32, CPU), if all four fields are set."""
+        if None in (self.num_layers, self.num_heads, self.embed_dim, self.context_length):
+            return None
+        assert self.num_layers and self.num_heads and self.embed_dim and self.context_length
+        return EntrySpec(self.num_layers, 1, self.num_heads, self.context_length, self.embed_dim // self.num_heads)
 
     def init_size(self) -> int:
         if self.init_pool_size is not None:

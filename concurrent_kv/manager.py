@@ -11,14 +11,28 @@ on their init pools.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from dataclasses import dataclass
 
 from .config import ManagerConfig
+from .entry import EntrySpec
 from .errors import ClosedError, ConfigError, EnvIdError
-from .pool import KVCachePool
+from .pool import KVCachePool, PoolHandle
+from .shm import AttachError
 from .stats import StatsSnapshot
 
-__all__ = ["KVCacheManager"]
+__all__ = ["KVCacheManager", "ManagerHandle"]
+
+
+@dataclass(frozen=True)
+class ManagerHandle:
+    """What a worker needs to attach to a shared manager: its config and its pools' handles."""
+
+    config: ManagerConfig
+    env_num: int
+    enable_stats: bool
+    pools: Tuple[PoolHandle, ...]
 
 
 class KVCacheManager:
@@ -28,30 +42,93 @@ class KVCacheManager:
     :class:`~concurrent_kv.config.ManagerConfig`; see that class for the fields read.
     """
 
-    def __init__(self, config: Any, env_num: int, enable_stats: bool = True) -> None:
+    def __init__(
+        self,
+        config: Any,
+        env_num: int,
+        enable_stats: bool = True,
+        *,
+        shared: bool = False,
+        entry_spec: Optional[EntrySpec] = None,
+    ) -> None:
         if isinstance(env_num, bool) or not isinstance(env_num, int) or env_num <= 0:
             raise ConfigError(f"env_num must be a positive int, got {env_num!r}")
         if not isinstance(enable_stats, bool):
             raise ConfigError(f"enable_stats must be a bool, got {enable_stats!r}")
-        self.config = ManagerConfig.from_any(config)
+        if not isinstance(shared, bool):
+            raise ConfigError(f"shared must be a bool, got {shared!r}")
+        if entry_spec is not None and not isinstance(entry_spec, EntrySpec):
+            raise ConfigError(f"entry_spec must be an EntrySpec, got {type(entry_spec).__name__}")
+        self.config = cfg = ManagerConfig.from_any(config)
         self.env_num = env_num
         self.enable_stats = enable_stats
+        self.shared = shared
         self._closed = False
-        cfg = self.config
-
-        def pool(size: int, strategy: Any, name: str) -> KVCachePool:
-            return KVCachePool(
-                size, strategy, enable_stats, name, lock=cfg.lock, lock_timeout=cfg.lock_timeout
+        spec = entry_spec if entry_spec is not None else cfg.entry_spec()
+        if shared and spec is None:
+            raise ConfigError(
+                "a shared manager needs the entry shape: pass entry_spec=, or num_layers, num_heads, "
+                "embed_dim and context_length in the config"
             )
+        pools: List[KVCachePool] = []
+        try:
+            for size, strategy, name in self._pool_plan():
+                pools.append(KVCachePool(
+                    size, strategy, enable_stats, name, entry_spec=spec, lock=cfg.lock,
+                    lock_timeout=cfg.lock_timeout, shared=shared, max_workers=cfg.max_workers,
+                ))
+        except BaseException:
+            for p in pools:  # never leave half a manager's segments behind
+                p.close()
+            raise
+        self._adopt(pools)
 
-        self.init_pools: List[KVCachePool] = [
-            pool(cfg.init_size(), cfg.init_eviction_strategy, f"init_env{e}") for e in range(env_num)
-        ]
-        self.recur_pool = pool(cfg.recur_size(env_num), cfg.recur_eviction_strategy, "recurrent")
-        self.wm_pool = pool(cfg.wm_size(env_num), cfg.wm_eviction_strategy, "world_model")
+    def _pool_plan(self) -> List[Any]:
+        cfg, n = self.config, self.env_num
+        plan = [(cfg.init_size(), cfg.init_eviction_strategy, f"init_env{e}") for e in range(n)]
+        plan.append((cfg.recur_size(n), cfg.recur_eviction_strategy, "recurrent"))
+        plan.append((cfg.wm_size(n), cfg.wm_eviction_strategy, "world_model"))
+        return plan
+
+    def _adopt(self, pools: List[KVCachePool]) -> None:
+        self.init_pools: List[KVCachePool] = pools[: self.env_num]
+        self.recur_pool = pools[self.env_num]
+        self.wm_pool = pools[self.env_num + 1]
         # Per-call scratch lists that LightZero's world model keeps on its manager.
         self.keys_values_wm_list: List[Any] = []
         self.keys_values_wm_size_list: List[int] = []
+
+    # -- sharing with worker processes ---------------------------------------------------
+
+    def handle(self) -> "ManagerHandle":
+        """A small picklable handle: give it to a worker, which calls :meth:`attach`."""
+        if self._closed:
+            raise ClosedError("KVCacheManager is closed")
+        if not self.shared:
+            raise ConfigError("this manager is not shared: create it with shared=True to hand it to workers")
+        return ManagerHandle(self.config, self.env_num, self.enable_stats, tuple(p.handle() for p in self.pools()))
+
+    @classmethod
+    def attach(cls, handle: "ManagerHandle") -> "KVCacheManager":
+        """The shared manager behind ``handle``, with the same API, in this process."""
+        if not isinstance(handle, ManagerHandle):
+            raise AttachError(f"attach expects a ManagerHandle, got {type(handle).__name__}")
+        manager = cls.__new__(cls)
+        manager.config = handle.config
+        manager.env_num = handle.env_num
+        manager.enable_stats = handle.enable_stats
+        manager.shared = True
+        manager._closed = False
+        pools: List[KVCachePool] = []
+        try:
+            for h in handle.pools:
+                pools.append(KVCachePool.attach(h))
+        except BaseException:
+            for p in pools:
+                p.close()
+            raise
+        manager._adopt(pools)
+        return manager
 
     # -- routing -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import xxhash
@@ -33,14 +33,18 @@ __all__ = [
     "WorkloadResult",
     "fill_entry",
     "verify_entry",
+    "entry_writer",
     "entry_key",
     "make_manager",
     "run_collector",
     "run_collectors",
+    "run_processes",
 ]
 
 # A prime below 2**23: values up to it are exact in float32.
 _VALUE_MOD = 8_388_593
+#: How many states are common to every env when ``shared_keys`` > 0.
+_COMMON_STATES = 16
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class WorkloadConfig:
     context_length: int = 8
     head_dim: int = 96
     recur_clear: str = "auto"  # "global" (LightZero), "own" (delete own search's keys), "none", "auto"
+    shared_keys: float = 0.0  # chance that a child is a state common to every env (a transposition)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,6 +72,8 @@ class WorkloadConfig:
                 raise ConfigError(f"WorkloadConfig.{name} must be a positive int, got {value!r}")
         if self.collectors > self.env_num:
             raise ConfigError(f"collectors ({self.collectors}) cannot exceed env_num ({self.env_num})")
+        if not (isinstance(self.shared_keys, (int, float)) and 0.0 <= self.shared_keys <= 1.0):
+            raise ConfigError(f"WorkloadConfig.shared_keys must be in [0, 1], got {self.shared_keys!r}")
         if self.recur_clear not in ("auto", "global", "own", "none"):
             raise ConfigError(f"recur_clear must be auto, global, own or none, got {self.recur_clear!r}")
 
@@ -93,26 +100,39 @@ def _expected(key: int, max_tokens: int, count: int) -> tuple:
     return value, sizes
 
 
-def fill_entry(entry: KeysValues, key: int) -> KeysValues:
-    """Make ``entry`` encode ``key``: every element and every ``_size`` derive from it."""
+def fill_entry(entry: KeysValues, key: int, writer: int = 0) -> KeysValues:
+    """Make ``entry`` encode ``key``: every element but the last and every ``_size`` derive from
+    it; the last element records ``writer`` (who wrote it: a process tag, for cross-process hits)."""
     caches = [c for layer in entry._keys_values for c in (layer._k_cache, layer._v_cache)]
     value, sizes = _expected(key, caches[0]._max_tokens, len(caches))
     entry._block.fill_(value)
+    entry._block.view(-1)[-1] = float(writer)
     for cache, size in zip(caches, sizes):
         cache._size = size
     return entry
 
 
+def _flat_parts(entry: Any) -> List[torch.Tensor]:
+    block = entry.block_if_intact() if isinstance(entry, KeysValues) else None
+    if block is not None:
+        return [block.reshape(-1)]
+    return [c._cache.reshape(-1) for layer in entry._keys_values for c in (layer._k_cache, layer._v_cache)]
+
+
 def verify_entry(entry: Any, key: int) -> bool:
-    """Whether ``entry`` is exactly what :func:`fill_entry` wrote for ``key``."""
+    """Whether ``entry`` is exactly what :func:`fill_entry` wrote for ``key`` (any writer)."""
     caches = [c for layer in entry._keys_values for c in (layer._k_cache, layer._v_cache)]
     value, sizes = _expected(key, caches[0]._max_tokens, len(caches))
     if tuple(c._size for c in caches) != sizes:
         return False
-    block = entry.block_if_intact() if isinstance(entry, KeysValues) else None
-    if block is not None:  # one comparison over the whole entry
-        return bool((block == value).all())
-    return all(bool((c._cache == value).all()) for c in caches)
+    parts = _flat_parts(entry)
+    parts[-1] = parts[-1][:-1]  # the writer tag
+    return all(bool((p == value).all()) for p in parts)
+
+
+def entry_writer(entry: Any) -> int:
+    """The writer tag :func:`fill_entry` stored in ``entry``."""
+    return int(_flat_parts(entry)[-1][-1].item())
 
 
 @dataclass
@@ -121,6 +141,7 @@ class CollectorResult:
 
     reads: int = 0
     hits: int = 0
+    foreign_hits: int = 0  # hits on an entry another process wrote
     verified: int = 0
     corrupt: int = 0
     writes: int = 0
@@ -134,7 +155,7 @@ class CollectorResult:
         return self.reads + self.writes + self.deletes + self.clears
 
     def add(self, other: "CollectorResult") -> None:
-        for name in ("reads", "hits", "verified", "corrupt", "writes", "deletes", "clears", "steps"):
+        for name in ("reads", "hits", "foreign_hits", "verified", "corrupt", "writes", "deletes", "clears", "steps"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors.extend(other.errors)
 
@@ -162,8 +183,11 @@ def run_collector(
     env_ids: Sequence[int],
     collector_id: int,
     on_step: Optional[Callable[[], None]] = None,
+    writer: int = 0,
 ) -> CollectorResult:
-    """Run ``cfg.steps`` env steps for the envs ``env_ids`` (one batched search per step)."""
+    """Run ``cfg.steps`` env steps for the envs ``env_ids`` (one batched search per step).
+
+    ``writer`` tags every entry this collector writes; a hit on another tag crossed processes."""
     res = CollectorResult()
     rng = random.Random(entry_key(cfg.seed, collector_id))
     scratch = cfg.spec.empty_entry()  # the world model's staging entry, reused for every write
@@ -171,15 +195,19 @@ def run_collector(
     clear_mode = cfg.clear_mode()
     prev_root = {e: None for e in env_ids}
 
+    def check(got: Any, key: int) -> None:
+        res.hits += 1
+        if verify_entry(got, key):
+            res.verified += 1
+            res.foreign_hits += entry_writer(got) != writer
+        else:
+            res.corrupt += 1
+
     def read(env_id: int, key: int, hierarchical: bool) -> None:
         res.reads += 1
         got = manager.hierarchical_get(env_id, key, out=out) if hierarchical else manager.get_init_cache(env_id, key, out=out)
         if got is not None:
-            res.hits += 1
-            if verify_entry(got, key):
-                res.verified += 1
-            else:
-                res.corrupt += 1
+            check(got, key)
 
     for step in range(cfg.steps):
         roots = {}
@@ -188,9 +216,10 @@ def run_collector(
                 read(e, prev_root[e], hierarchical=False)
         for e in env_ids:
             roots[e] = entry_key(cfg.seed, e, step, -1)
-            manager.set_init_cache(e, roots[e], fill_entry(scratch, roots[e]))
+            manager.set_init_cache(e, roots[e], fill_entry(scratch, roots[e], writer))
             res.writes += 1
         trees = {e: [roots[e]] for e in env_ids}
+        own: Dict[int, List[int]] = {e: [] for e in env_ids}  # this search's private nodes
         for sim in range(cfg.num_simulations):
             parents = {}
             for e in env_ids:  # all reads of one batched recurrent call...
@@ -198,8 +227,20 @@ def run_collector(
                 parents[e] = nodes[0] if rng.random() < 0.5 else rng.choice(nodes)
                 read(e, parents[e], hierarchical=True)
             for e in env_ids:  # ...then all its writes
-                child = entry_key(cfg.seed, e, step, sim)
-                manager.set_recur_cache(child, fill_entry(scratch, child))
+                if cfg.shared_keys and rng.random() < cfg.shared_keys:
+                    # A state common to every env (a transposition): reuse it if anyone, in any
+                    # process, cached it already; it outlives the search (FIFO evicts it).
+                    child = entry_key(cfg.seed, -1, rng.randrange(_COMMON_STATES))
+                    res.reads += 1
+                    got = manager.get_recur_cache(child, out=out)
+                    if got is not None:
+                        check(got, child)
+                        trees[e].append(child)
+                        continue
+                else:
+                    child = entry_key(cfg.seed, e, step, sim)
+                    own[e].append(child)
+                manager.set_recur_cache(child, fill_entry(scratch, child, writer))
                 res.writes += 1
                 trees[e].append(child)
         if clear_mode == "global":
@@ -207,7 +248,7 @@ def run_collector(
             res.clears += 1
         elif clear_mode == "own":
             for e in env_ids:
-                for key in trees[e][1:]:
+                for key in own[e]:
                     manager.recur_pool.delete(key)
                     res.deletes += 1
         for e in env_ids:
@@ -223,9 +264,10 @@ def run_collector(
     return res
 
 
-def make_manager(cfg: WorkloadConfig, **config: Any) -> KVCacheManager:
+def make_manager(cfg: WorkloadConfig, shared: bool = False, **config: Any) -> KVCacheManager:
     """A manager sized for ``cfg`` by LightZero's rules (``config`` overrides fields)."""
-    return KVCacheManager({"num_simulations": cfg.num_simulations, **config}, cfg.env_num)
+    return KVCacheManager({"num_simulations": cfg.num_simulations, **config}, cfg.env_num,
+                          shared=shared, entry_spec=cfg.spec)
 
 
 def run_collectors(
@@ -233,39 +275,122 @@ def run_collectors(
     cfg: WorkloadConfig,
     on_step: Optional[Callable[[], None]] = None,
     timeout_s: float = 600.0,
+    env_ids: Optional[Sequence[int]] = None,
+    threads: Optional[int] = None,
+    writer: int = 0,
 ) -> WorkloadResult:
-    """Run ``cfg.collectors`` collector threads over ``cfg.env_num`` envs sharing ``manager``."""
-    groups = [list(range(c, cfg.env_num, cfg.collectors)) for c in range(cfg.collectors)]
-    results: List[Optional[CollectorResult]] = [None] * cfg.collectors
+    """Run collector threads (``cfg.collectors`` by default) over the envs ``env_ids`` (all by
+    default), sharing ``manager``; ``on_step`` is called once per env step."""
+    envs = list(range(cfg.env_num)) if env_ids is None else list(env_ids)
+    count = min(threads or cfg.collectors, len(envs))
+    groups = [envs[c::count] for c in range(count)]
+    results: List[Optional[CollectorResult]] = [None] * count
     lock = threading.Lock()
 
-    def tick() -> None:
+    def tick(steps: int) -> None:
         if on_step is not None:
             with lock:
-                on_step()
+                for _ in range(steps):
+                    on_step()
 
     def body(i: int) -> None:
         try:
-            results[i] = run_collector(manager, cfg, groups[i], i, tick)
+            results[i] = run_collector(manager, cfg, groups[i], writer * 1000 + i,
+                                       lambda: tick(len(groups[i])), writer)
         except BaseException as exc:  # reported, never swallowed: the caller checks errors
             r = CollectorResult()
             r.errors.append(f"collector {i}: {type(exc).__name__}: {exc}")
             results[i] = r
 
     torch.set_num_threads(1)  # tensor copies are small; threads are the parallelism here
-    threads = [threading.Thread(target=body, args=(i,), name=f"collector-{i}") for i in range(cfg.collectors)]
+    workers = [threading.Thread(target=body, args=(i,), name=f"collector-{i}") for i in range(count)]
     start = time.perf_counter()
-    for t in threads:
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join(timeout_s)
     elapsed = time.perf_counter() - start
     total = CollectorResult()
     per: List[CollectorResult] = []
-    for i, (t, r) in enumerate(zip(threads, results)):
+    for i, (t, r) in enumerate(zip(workers, results)):
         if t.is_alive():
             r = CollectorResult(errors=[f"collector {i}: still running after {timeout_s} s"])
         assert r is not None
         per.append(r)
         total.add(r)
     return WorkloadResult(total, elapsed, per)
+
+
+def _process_main(handle: Any, cfg: WorkloadConfig, env_ids: List[int], threads: int, tag: int,
+                  progress: Any, results: Any) -> None:
+    """One worker process: attach the shared manager, run its collectors, report counters."""
+    manager = KVCacheManager.attach(handle)
+    try:
+        def step() -> None:
+            with progress.get_lock():
+                progress.value += 1
+
+        res = run_collectors(manager, cfg, on_step=step, env_ids=env_ids, threads=threads, writer=tag)
+        results.put((tag, res.total.__dict__, res.elapsed_s))
+    except BaseException as exc:
+        results.put((tag, {"errors": [f"process {tag}: {type(exc).__name__}: {exc}"]}, 0.0))
+    finally:
+        manager.close()
+
+
+def run_processes(
+    manager: KVCacheManager,
+    cfg: WorkloadConfig,
+    processes: int,
+    start_method: str = "spawn",
+    on_progress: Optional[Callable[[int], None]] = None,
+    timeout_s: float = 600.0,
+) -> WorkloadResult:
+    """Run the collectors as ``processes`` worker processes that attach the shared ``manager``
+    by handle; each runs ``cfg.collectors // processes`` threads (at least one) over its envs.
+    ``on_progress(env_steps_done)`` is called as work advances."""
+    import multiprocessing as mp
+    import queue
+
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= cfg.env_num:
+        raise ConfigError(f"processes must be an int in [1, env_num={cfg.env_num}], got {processes!r}")
+    handle = manager.handle()
+    ctx = mp.get_context(start_method)
+    progress = ctx.Value("q", 0)
+    results = ctx.Queue()
+    threads = max(1, cfg.collectors // processes)
+    procs = [
+        ctx.Process(target=_process_main, name=f"collector-proc-{p}",
+                    args=(handle, cfg, list(range(p, cfg.env_num, processes)), threads, p + 1, progress, results))
+        for p in range(processes)
+    ]
+    start = time.perf_counter()
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    gathered: List[CollectorResult] = []
+    while len(gathered) < processes and time.monotonic() < deadline:
+        if on_progress is not None:
+            on_progress(progress.value)
+        try:
+            _, counters, _ = results.get(timeout=0.1)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs) and results.empty():
+                break  # a worker died without reporting
+            continue
+        gathered.append(CollectorResult(**counters))
+    elapsed = time.perf_counter() - start
+    if on_progress is not None:
+        on_progress(progress.value)
+    for proc in procs:
+        proc.join(max(0.1, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    total = CollectorResult()
+    for r in gathered:
+        total.add(r)
+    missing = processes - len(gathered)
+    if missing:
+        total.errors.append(f"{missing} worker process(es) reported nothing (exit codes {[p.exitcode for p in procs]})")
+    return WorkloadResult(total, elapsed, gathered)
