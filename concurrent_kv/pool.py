@@ -552,7 +552,9 @@ class KVCachePool:
         try:
             with self._book:
                 in_place = old is not None and not self._pins[old]
-                slot = old if in_place else self._take_slot()
+                # A lease in another process may end right now (unpins take no pool lock), so
+                # the old slot must not become the victim: it is retired below instead.
+                slot = old if in_place else self._take_slot(keep=old)
             assert self._storage is not None and slot is not None
             states[slot] = WRITING
             if not in_place:
@@ -586,22 +588,29 @@ class KVCachePool:
         finally:
             life[DIRTY] = 0
 
-    def _take_slot(self) -> int:
-        """A free slot, else the policy's unpinned victim (evicted here). Both locks held."""
+    def _take_slot(self, keep: Optional[int] = None) -> int:
+        """A free slot, else the policy's unpinned victim other than ``keep`` (evicted here)."""
         free = self._free
+        total = self._pins.total
+        if keep is None:
+            is_pinned: Callable[[int], Any] = total
+        else:
+            def is_pinned(slot: int) -> Any:
+                return slot == keep or total(slot)
+
         if self._shared and time.monotonic_ns() - self._life[LAST_REAP_NS] > REAP_INTERVAL_NS:
             self._state.reap_dead_workers()
         if not free and self._life[RETIRED_COUNT]:
             self._sweep_retired()
         if free:
             return free.pop()
-        victim = self._policy.victim(self._pins.total)
+        victim = self._policy.victim(is_pinned)
         if victim is None and self._shared:  # maybe the pins belong to a dead worker
             self._state.reap_dead_workers()
             self._sweep_retired()
             if free:
                 return free.pop()
-            victim = self._policy.victim(self._pins.total)
+            victim = self._policy.victim(is_pinned)
         if victim is None:
             raise PoolExhaustedError(f"{self.name}: all {self._capacity} slots are pinned by leases")
         del self._index[self._slot_key[victim]]
