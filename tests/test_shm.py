@@ -1,0 +1,161 @@
+"""Shared-memory segments: owner-only files, unguessable names, space check, header validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import stat
+
+import pytest
+
+from concurrent_kv import (
+    AttachError,
+    ClosedError,
+    ConfigError,
+    EntrySpec,
+    KVCacheManager,
+    KVCachePool,
+    SharedMemoryError,
+)
+from concurrent_kv.shm import HEADER, Segment, leftover_segments, remove_stale_segments, shm_dir
+from concurrent_kv.workload import fill_entry, verify_entry
+
+SPEC = EntrySpec(num_layers=1, num_samples=1, num_heads=2, max_tokens=4, head_dim=4)
+
+
+@pytest.fixture
+def pool():
+    p = KVCachePool(4, shared=True, entry_spec=SPEC, name="shmtest")
+    yield p
+    p.close()
+
+
+def test_segments_are_owner_only_with_unguessable_names(pool: KVCachePool) -> None:
+    h = pool.handle()
+    for path in (h.meta_path, h.data_path):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        assert mode == 0o600, oct(mode)
+        name = os.path.basename(path)
+        assert name.startswith("ckv-") and len(name.split("-")[1]) == 32  # 128 random bits
+    other = KVCachePool(4, shared=True, entry_spec=SPEC, name="shmtest")
+    try:
+        assert other.handle().meta_path != h.meta_path
+    finally:
+        other.close()
+
+
+def test_handle_is_small_and_picklable(pool: KVCachePool) -> None:
+    blob = pickle.dumps(pool.handle())
+    assert len(blob) < 1024
+    twin = KVCachePool.attach(pickle.loads(blob))
+    try:
+        pool.set(1, fill_entry(SPEC.empty_entry(), 1))
+        assert verify_entry(twin.get(1), 1)
+    finally:
+        twin.close()
+    assert verify_entry(pool.get(1), 1)  # a worker closing leaves the pool to its owner
+
+
+def test_close_removes_files_and_keeps_stats_readable(pool: KVCachePool) -> None:
+    h = pool.handle()
+    pool.set(1, fill_entry(SPEC.empty_entry(), 1))
+    pool.get(1)
+    pool.close()
+    assert not os.path.exists(h.meta_path) and not os.path.exists(h.data_path)
+    assert pool.stats_snapshot().hits == 1
+    with pytest.raises(ClosedError):
+        pool.get(1)
+    with pytest.raises(ClosedError):
+        pool.handle()
+    with pytest.raises(AttachError):
+        KVCachePool.attach(h)  # its segments are gone
+
+
+def test_attach_refuses_a_mismatched_layout(pool: KVCachePool) -> None:
+    h = pool.handle()
+    for change in ({"capacity": 8}, {"spec": (1, 1, 2, 4, 8, "torch.float32")},
+                   {"spec": (1, 1, 2, 4, 4, "torch.float64")}, {"max_workers": 3}, {"policy": "lru"}):
+        with pytest.raises(AttachError):
+            KVCachePool.attach(dataclasses.replace(h, **change))
+
+
+def test_attach_refuses_foreign_truncated_and_garbage_segments(tmp_path, pool: KVCachePool) -> None:
+    h = pool.handle()
+    folder = shm_dir()
+    foreign = os.path.join(folder, "ckv-" + "0" * 32 + "-foreign")
+    try:
+        with open(foreign, "wb") as f:  # right name, garbage header
+            f.write(os.urandom(4096))
+        with pytest.raises(AttachError, match="magic"):
+            KVCachePool.attach(dataclasses.replace(h, meta_path=foreign))
+        with open(foreign, "wb") as f:  # truncated: shorter than a header
+            f.write(b"CKV")
+        with pytest.raises(AttachError, match="truncated"):
+            KVCachePool.attach(dataclasses.replace(h, meta_path=foreign))
+        with open(h.meta_path, "rb") as src, open(foreign, "wb") as f:  # a valid header, cut short
+            f.write(src.read(HEADER.size + 100))
+        with pytest.raises(AttachError):
+            KVCachePool.attach(dataclasses.replace(h, meta_path=foreign))
+    finally:
+        os.unlink(foreign)
+    with pytest.raises(AttachError):  # outside the shared-memory folder
+        KVCachePool.attach(dataclasses.replace(h, meta_path=str(tmp_path / "ckv-x")))
+    with pytest.raises(AttachError):
+        KVCachePool.attach(dataclasses.replace(h, data_path=os.path.join(folder, "ckv-missing")))
+    with pytest.raises(AttachError):
+        KVCachePool.attach("not a handle")  # type: ignore[arg-type]
+    assert pool.get(99) is None  # the real pool is untouched
+
+
+def test_not_enough_shared_memory_fails_up_front(monkeypatch) -> None:
+    class Tiny:
+        f_bavail, f_frsize = 10, 4096
+
+    label = f"tiny{os.getpid()}"
+    monkeypatch.setattr(os, "statvfs", lambda path: Tiny)
+    with pytest.raises(SharedMemoryError, match="needs"):
+        KVCachePool(1000, shared=True, entry_spec=SPEC, name=label)
+    assert not [n for n in leftover_segments() if label in n]
+
+
+def test_shared_pool_needs_a_cpu_spec_and_a_known_lock() -> None:
+    with pytest.raises(ConfigError):
+        KVCachePool(4, shared=True)
+    with pytest.raises(ConfigError):
+        KVCachePool(4, shared=True, entry_spec=SPEC, lock=lambda name: None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        KVCachePool(4, shared=True, entry_spec=EntrySpec(1, 1, 2, 4, 4, device="meta"))
+    with pytest.raises(ConfigError):
+        KVCachePool(4).handle()
+
+
+def test_stale_segments_of_a_dead_owner_are_removable() -> None:
+    seg = Segment.create("stale", 64, b"x")
+    path = seg.path
+    seg.close(unlink=False)
+    with open(path, "r+b") as f:  # pretend its owner was a pid that no longer exists
+        head = bytearray(f.read(HEADER.size))
+        magic, version, flags, _, payload, digest = HEADER.unpack(head)
+        f.seek(0)
+        f.write(HEADER.pack(magic, version, flags, 2**22 + 12345, payload, digest))
+    assert os.path.basename(path) in remove_stale_segments()
+    assert not os.path.exists(path)
+
+
+def test_shared_manager_round_trip() -> None:
+    cfg = {"num_simulations": 2, "num_layers": 1, "num_heads": 2, "embed_dim": 8, "context_length": 4}
+    with KVCacheManager(cfg, 2, shared=True) as m:
+        assert m.recur_pool.entry_spec == SPEC
+        worker = KVCacheManager.attach(pickle.loads(pickle.dumps(m.handle())))
+        worker.set_recur_cache(5, fill_entry(SPEC.empty_entry(), 5))
+        worker.set_init_cache(1, 6, fill_entry(SPEC.empty_entry(), 6))
+        assert verify_entry(m.hierarchical_get(1, 5), 5) and verify_entry(m.hierarchical_get(1, 6), 6)
+        worker.close()
+        m.check()
+    with pytest.raises(ConfigError):
+        KVCacheManager({"num_simulations": 2}, 2, shared=True)  # no entry shape
+    with pytest.raises(ConfigError):
+        KVCacheManager(cfg, 2).handle()
+    with pytest.raises(AttachError):
+        KVCacheManager.attach(object())  # type: ignore[arg-type]
