@@ -237,3 +237,19 @@ def test_forked_child_uses_an_inherited_pool_safely(no_leaks: list) -> None:
     assert verify_entry(pool.get(2), 2)
     assert pool.stats_snapshot().hits == 2  # the child's hit is counted on its own row
     pool.check()
+
+
+def test_multiprocess_doc_example_runs(tmp_path) -> None:
+    """docs/multiprocess.md's example, run as a script (spawn needs an importable main)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "multiprocess.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    script = tmp_path / "example.py"
+    script.write_text(blocks[0])
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
