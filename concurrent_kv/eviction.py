@@ -103,8 +103,8 @@ _POLICIES: Dict[str, Type[EvictionPolicy]] = {}
 
 
 def register_policy(cls: Type[EvictionPolicy]) -> Type[EvictionPolicy]:
-    """Class decorator: make ``cls`` selectable by its ``name``."""
-    _POLICIES[cls.name] = cls
+    """Class decorator: make ``cls`` selectable by its ``name`` (in any letter case)."""
+    _POLICIES[cls.name.lower()] = cls
     return cls
 
 
@@ -345,7 +345,10 @@ def check_priority(priority: object) -> float:
         raise InvalidPriorityError(
             f"priority must be a finite real number, got {type(priority).__name__}: {priority!r}"
         )
-    value = float(priority)
+    try:
+        value = float(priority)
+    except OverflowError:  # an int beyond float range
+        raise InvalidPriorityError(f"priority must be finite, got an int of {priority.bit_length()} bits") from None
     if not math.isfinite(value):
         raise InvalidPriorityError(f"priority must be finite, got {value}")
     return value
