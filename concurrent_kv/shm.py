@@ -175,7 +175,17 @@ def leftover_segments() -> List[str]:
         return []
 
 
-def _pid_alive(pid: int) -> bool:
+def start_time(pid: int) -> int:
+    """A process's start time in clock ticks (tells a live pid from a reused one); 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pid_alive(pid: int, started: int = 0) -> bool:
+    """Whether ``pid`` runs (not a zombie), and is the process that started at ``started`` if given."""
     if pid <= 0:
         return False
     try:
@@ -184,7 +194,14 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return False
+    if fields[0] == b"Z":  # killed, not yet reaped by its parent: holds nothing any more
+        return False
+    return not started or int(fields[19]) == started
 
 
 def remove_stale_segments() -> Set[str]:
@@ -198,7 +215,7 @@ def remove_stale_segments() -> Set[str]:
             magic, _, _, owner_pid, _, _ = HEADER.unpack(head)
         except (OSError, struct.error):
             continue
-        if magic == MAGIC and not _pid_alive(owner_pid):
+        if magic == MAGIC and not pid_alive(owner_pid):
             try:
                 os.unlink(path)
                 removed.add(name)

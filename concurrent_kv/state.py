@@ -23,7 +23,7 @@ import numpy as np
 
 from .entry import EntrySpec
 from .eviction import EvictionPolicy
-from .shm import Segment
+from .shm import Segment, pid_alive, start_time
 from .stats import HITS, EVICTIONS, INSERTS, MISSES, UPDATES, CacheStats, StatsSnapshot
 
 __all__ = ["FREE", "WRITING", "READY", "RETIRED", "LocalState", "SharedState", "ShmIndex", "ArrayStack"]
@@ -318,10 +318,10 @@ class SharedState:
     def claim_worker(self) -> int:
         """Take a worker row for this process (caller holds the pool's exclusive lock)."""
         me = os.getpid()
-        start = _start_time(me)
+        start = start_time(me)
         for w in range(self.max_workers):
             pid = self.worker_pid[w]
-            if pid == 0 or not _alive(pid, self.worker_start[w]):
+            if pid == 0 or not pid_alive(pid, self.worker_start[w]):
                 if pid != 0:
                     self._pins_np[w] = 0  # a dead worker's pins: reclaimed
                 self.worker_pid[w] = me
@@ -345,7 +345,7 @@ class SharedState:
         dead = []
         for w in range(self.life[WORKER_ROWS]):
             pid = self.worker_pid[w]
-            if pid and not _alive(pid, self.worker_start[w]):
+            if pid and not pid_alive(pid, self.worker_start[w]):
                 self._pins_np[w] = 0
                 self.worker_pid[w] = 0
                 dead.append(pid)
@@ -360,29 +360,3 @@ class SharedState:
             stats.counters = [0] * _STAT_FIELDS
         self._pins_np = self._stats_np = None  # type: ignore[assignment]
         self.segment.close()
-
-
-def _start_time(pid: int) -> int:
-    """The process start time in clock ticks (tells a live pid from a reused one)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _alive(pid: int, start: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if start and _start_time(pid) not in (0, start):
-        return False  # the pid was reused by another process
-    try:  # a zombie (killed, not yet reaped by its parent) holds nothing any more
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False

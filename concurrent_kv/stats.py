@@ -21,15 +21,11 @@ def _rate(part: int, total: int) -> float:
     return part / total if total else 0.0
 
 
-@dataclass(frozen=True)
-class StatsSnapshot:
-    """Counters of one pool at one instant; ``later - earlier`` gives the interval's deltas."""
+class _Rates:
+    """Derived figures, shared by the live counters and their snapshots."""
 
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    inserts: int = 0
-    updates: int = 0
+    hits: int
+    misses: int
 
     @property
     def total_queries(self) -> int:
@@ -42,6 +38,17 @@ class StatsSnapshot:
     @property
     def miss_rate(self) -> float:
         return _rate(self.misses, self.total_queries)
+
+
+@dataclass(frozen=True)
+class StatsSnapshot(_Rates):
+    """Counters of one pool at one instant; ``later - earlier`` gives the interval's deltas."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    inserts: int = 0
+    updates: int = 0
 
     def __sub__(self, other: "StatsSnapshot") -> "StatsSnapshot":
         if not isinstance(other, StatsSnapshot):
@@ -69,7 +76,7 @@ class StatsSnapshot:
         )
 
 
-class CacheStats:
+class CacheStats(_Rates):
     """Live hit/miss/eviction counters of one pool.
 
     ``total_queries`` is derived (hits + misses) so the two can never disagree. The counters live
@@ -89,18 +96,6 @@ class CacheStats:
     )
     inserts = property(lambda self: self.counters[INSERTS], lambda self, v: self.counters.__setitem__(INSERTS, v))
     updates = property(lambda self: self.counters[UPDATES], lambda self, v: self.counters.__setitem__(UPDATES, v))
-
-    @property
-    def total_queries(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_rate(self) -> float:
-        return _rate(self.hits, self.total_queries)
-
-    @property
-    def miss_rate(self) -> float:
-        return _rate(self.misses, self.total_queries)
 
     def reset(self) -> None:
         """Set every counter back to zero."""
