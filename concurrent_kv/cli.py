@@ -40,7 +40,7 @@ class ProgressBar:
         self.stream.flush()
 
 
-def format_table(rows: List[List[str]], header: List[str]) -> str:
+def format_table(rows: List[List[object]], header: List[str]) -> str:
     """A plain aligned text table."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = "  ".join("-" * w for w in widths)
@@ -50,7 +50,7 @@ def format_table(rows: List[List[str]], header: List[str]) -> str:
 
 def report(manager: KVCacheManager, cfg: WorkloadConfig, result: WorkloadResult, processes: int = 0) -> str:
     """The demo's final table: per-pool stats, throughput and verified reads."""
-    rows = []
+    rows: List[List[object]] = []
     for pool in manager.pools():
         s = pool.stats_snapshot()
         rows.append([pool.name, f"{len(pool)}/{pool.capacity}", s.hits, s.misses, f"{s.hit_rate:.1%}",

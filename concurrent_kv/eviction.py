@@ -16,7 +16,7 @@ import heapq
 import math
 from abc import ABC, abstractmethod
 from enum import Enum
-from typing import Callable, Dict, Iterator, List, MutableSequence, Optional, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Type, Union
 
 import numpy as np
 
@@ -32,13 +32,17 @@ __all__ = [
     "resolve_policy",
     "ArrayFactory",
     "check_priority",
+    "Cells",
 ]
 
+#: A fixed-length array of ints or floats indexed from Python: a list, or a ``memoryview`` cast
+#: over shared memory (typeshed does not see the latter as a MutableSequence).
+Cells = Any
 #: ``factory(length, fill, kind)`` returns a mutable int ("i") or float ("f") array.
-ArrayFactory = Callable[[int, Union[int, float], str], MutableSequence]
+ArrayFactory = Callable[[int, Union[int, float], str], Cells]
 
 
-def list_arrays(length: int, fill: Union[int, float], kind: str) -> MutableSequence:
+def list_arrays(length: int, fill: Union[int, float], kind: str) -> Cells:
     """The in-process array factory: plain lists index fastest from Python."""
     return [fill] * length
 
@@ -348,7 +352,7 @@ def check_priority(priority: object) -> float:
     try:
         value = float(priority)
     except OverflowError:  # an int beyond float range
-        raise InvalidPriorityError(f"priority must be finite, got an int of {priority.bit_length()} bits") from None
+        raise InvalidPriorityError(f"priority must be finite, got an int too large for a float: {priority!r:.40}") from None
     if not math.isfinite(value):
         raise InvalidPriorityError(f"priority must be finite, got {value}")
     return value

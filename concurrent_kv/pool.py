@@ -89,8 +89,8 @@ class PoolHandle:
     enable_stats: bool
 
     def entry_spec(self) -> EntrySpec:
-        *dims, dtype = self.spec
-        return EntrySpec(*dims, dtype=getattr(torch, dtype.replace("torch.", "")))
+        layers, n, heads, tokens, head_dim, dtype = self.spec
+        return EntrySpec(layers, n, heads, tokens, head_dim, dtype=getattr(torch, dtype.replace("torch.", "")))
 
 
 @dataclass(frozen=True)

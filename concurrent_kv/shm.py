@@ -136,7 +136,7 @@ class Segment:
         """A view of ``nbytes`` payload bytes at ``offset``, cast to ``fmt``; released on close."""
         assert self._mm is not None
         base = memoryview(self._mm)[HEADER_BYTES + offset : HEADER_BYTES + offset + nbytes]
-        view = base.cast(fmt) if fmt != "B" else base
+        view = base.cast(fmt) if fmt != "B" else base  # type: ignore[call-overload]  # fmt is a runtime str
         self._views.append(base)
         if view is not base:
             self._views.append(view)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, Dict, Iterator, List, MutableSequence, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import numpy as np
 
 from .entry import EntrySpec
-from .eviction import EvictionPolicy
+from .eviction import Cells, EvictionPolicy
 from .shm import Segment, pid_alive, start_time
 from .stats import HITS, EVICTIONS, INSERTS, MISSES, UPDATES, CacheStats, StatsSnapshot
 
@@ -41,7 +41,7 @@ _STAT_FIELDS = 5
 class PinTable:
     """Pin counts per slot, one row per worker process; a process writes only its own row."""
 
-    def __init__(self, rows: List[MutableSequence], life: MutableSequence, own: int) -> None:
+    def __init__(self, rows: List[Cells], life: Cells, own: int) -> None:
         self._rows = rows
         self._life = life
         self.own = rows[own]
@@ -55,14 +55,14 @@ class PinTable:
 
     __getitem__ = total  # the policies' is_pinned(slot)
 
-    def row(self, worker: int) -> MutableSequence:
+    def row(self, worker: int) -> Cells:
         return self._rows[worker]
 
 
 class ArrayStack:
     """A stack of slot numbers in a fixed array with its size in a counter cell."""
 
-    def __init__(self, items: MutableSequence, counter: MutableSequence, cell: int) -> None:
+    def __init__(self, items: Cells, counter: Cells, cell: int) -> None:
         self._items, self._counter, self._cell = items, counter, cell
 
     def append(self, slot: int) -> None:
@@ -94,7 +94,7 @@ class ShmIndex:
     backward shift so no tombstones pile up). A bucket stores ``slot + 1`` (0 = empty); the key
     itself is read from ``slot_key``, so the table and the slots cannot disagree on keys."""
 
-    def __init__(self, table: MutableSequence, slot_key: MutableSequence, counter: MutableSequence, cell: int) -> None:
+    def __init__(self, table: Cells, slot_key: Cells, counter: Cells, cell: int) -> None:
         self._t = table
         self._keys = slot_key
         self._counter, self._cell = counter, cell
@@ -182,7 +182,7 @@ class SharedStats(CacheStats):
 
     __slots__ = ("_rows",)
 
-    def __init__(self, rows: np.ndarray, own: MutableSequence) -> None:
+    def __init__(self, rows: np.ndarray, own: Cells) -> None:
         self._rows = rows
         self.counters = own
 
@@ -207,15 +207,15 @@ class LocalState:
     def __init__(self, capacity: int, policy_cls: Type[EvictionPolicy], spec: Optional[EntrySpec] = None) -> None:
         self.capacity = capacity
         self.index: Any = {}
-        self.slot_key: MutableSequence = [0] * capacity
-        self.slot_state: MutableSequence = [FREE] * capacity
+        self.slot_key: Cells = [0] * capacity
+        self.slot_state: Cells = [FREE] * capacity
         self.free: Any = list(range(capacity - 1, -1, -1))  # a stack; slot 0 is used first
-        self.life: MutableSequence = [0] * LIFE_CELLS
+        self.life: Cells = [0] * LIFE_CELLS
         self.life[WORKER_ROWS] = 1
         self.pins = PinTable([[0] * capacity], self.life, 0)
         self.stats: Any = CacheStats()
         self.policy = policy_cls(capacity)
-        self.sizes: Optional[MutableSequence] = None  # storage allocates its own
+        self.sizes: Optional[Cells] = None  # storage allocates its own
 
     def close(self) -> None:
         pass
@@ -264,10 +264,10 @@ class SharedState:
         ]
         cursor = [0]
 
-        def arrays(length: int, fill: Union[int, float], kind: str) -> MutableSequence:
+        def arrays(length: int, fill: Union[int, float], kind: str) -> Cells:
             start = cursor[0]
             cursor[0] += length
-            view = seg.view(policy_at + _cells(start), _cells(length), "d" if kind == "f" else "q")
+            view: Cells = seg.view(policy_at + _cells(start), _cells(length), "d" if kind == "f" else "q")
             if create:
                 for i in range(length):
                     view[i] = fill

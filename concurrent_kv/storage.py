@@ -8,11 +8,12 @@ sit beside it. Storage knows nothing of keys, policies or locks: the pool decide
 
 from __future__ import annotations
 
-from typing import Any, List, MutableSequence, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
 from .entry import EntrySpec, KeysValues, entry_tensors
+from .eviction import Cells
 
 __all__ = ["SlotStorage"]
 
@@ -25,7 +26,7 @@ class SlotStorage:
         spec: EntrySpec,
         capacity: int,
         block: Optional[torch.Tensor] = None,
-        sizes: Optional[MutableSequence[int]] = None,
+        sizes: Optional[Cells] = None,
     ) -> None:
         """``block`` and ``sizes`` (flat, ``2 * layers`` per slot) may be handed in, e.g. from
         shared memory; by default they are allocated here."""
@@ -37,7 +38,7 @@ class SlotStorage:
         self._slots: List[torch.Tensor] = list(block.unbind(0))  # one view per slot, made once
         self._parts: List[Optional[List[torch.Tensor]]] = [None] * capacity  # per-tensor views, made on demand
         self._width = 2 * spec.num_layers
-        self._sizes: MutableSequence[int] = [0] * (capacity * self._width) if sizes is None else sizes
+        self._sizes: Cells = [0] * (capacity * self._width) if sizes is None else sizes
 
     @property
     def nbytes(self) -> int:

@@ -193,7 +193,7 @@ def run_collector(
     scratch = cfg.spec.empty_entry()  # the world model's staging entry, reused for every write
     out = cfg.spec.empty_entry()  # read buffer: steady-state reads allocate nothing
     clear_mode = cfg.clear_mode()
-    prev_root = {e: None for e in env_ids}
+    prev_root: Dict[int, Optional[int]] = {e: None for e in env_ids}
 
     def check(got: Any, key: int) -> None:
         res.hits += 1
@@ -210,10 +210,11 @@ def run_collector(
             check(got, key)
 
     for step in range(cfg.steps):
-        roots = {}
+        roots: Dict[int, int] = {}
         for e in env_ids:  # root phase: reads, then writes
-            if prev_root[e] is not None:
-                read(e, prev_root[e], hierarchical=False)
+            previous = prev_root[e]
+            if previous is not None:
+                read(e, previous, hierarchical=False)
         for e in env_ids:
             roots[e] = entry_key(cfg.seed, e, step, -1)
             manager.set_init_cache(e, roots[e], fill_entry(scratch, roots[e], writer))
@@ -221,7 +222,7 @@ def run_collector(
         trees = {e: [roots[e]] for e in env_ids}
         own: Dict[int, List[int]] = {e: [] for e in env_ids}  # this search's private nodes
         for sim in range(cfg.num_simulations):
-            parents = {}
+            parents: Dict[int, int] = {}
             for e in env_ids:  # all reads of one batched recurrent call...
                 nodes = trees[e]
                 parents[e] = nodes[0] if rng.random() < 0.5 else rng.choice(nodes)
@@ -355,7 +356,7 @@ def run_processes(
     if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= cfg.env_num:
         raise ConfigError(f"processes must be an int in [1, env_num={cfg.env_num}], got {processes!r}")
     handle = manager.handle()
-    ctx = mp.get_context(start_method)
+    ctx: Any = mp.get_context(start_method)
     progress = ctx.Value("q", 0)
     results = ctx.Queue()
     threads = max(1, cfg.collectors // processes)
