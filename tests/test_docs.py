@@ -14,6 +14,8 @@ from typing import List, Tuple
 
 import pytest
 
+from concurrent_kv import eviction
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "docs" / "usage.md", ROOT / "README.md"]
 
@@ -47,4 +49,9 @@ def test_every_doc_file_has_python_blocks() -> None:
 def test_doc_block_runs(path: Path, block_id: str, first_line: int, source: str) -> None:
     code = compile("\n" * (first_line - 1) + source, str(path.relative_to(ROOT)), "exec")
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    exec(code, namespace)
+    registered = dict(eviction._POLICIES)  # an example may register a policy: keep others unaffected
+    try:
+        exec(code, namespace)
+    finally:
+        eviction._POLICIES.clear()
+        eviction._POLICIES.update(registered)
