@@ -138,6 +138,18 @@ def throughput(spec: EntrySpec, processes: int, seconds: float) -> float:
         pool.close()
 
 
+def trace_steps_per_s(processes: int, steps: int) -> float:
+    """UniZero-shaped collectors (8 envs, 25 sims, 96 KiB entries, every read verified) as
+    ``processes`` worker processes sharing one manager; 2 collectors in all."""
+    from concurrent_kv.workload import WorkloadConfig, make_manager, run_processes
+
+    cfg = WorkloadConfig(env_num=8, collectors=2, steps=steps, shared_keys=0.25)
+    with make_manager(cfg, shared=True) as manager:
+        result = run_processes(manager, cfg, processes, "fork")
+    assert result.all_hits_verified, result.total.errors
+    return result.total.steps / result.elapsed_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer calls, one size")
@@ -177,6 +189,10 @@ def main() -> None:
     two = throughput(spec, 2, seconds)
     print(f"\nthroughput, 96 KiB, 50% get / 50% set on one shared pool: 1 process {one:,.0f} ops/s, "
           f"2 processes {two:,.0f} ops/s ({two / one:.2f}x)")
+    steps = 5 if args.quick else 30
+    t1, t2 = trace_steps_per_s(1, steps), trace_steps_per_s(2, steps)
+    print(f"UniZero trace, 2 collectors as 1 process x 2 threads: {t1:,.0f} env steps/s; "
+          f"as 2 processes x 1 thread: {t2:,.0f} env steps/s ({t2 / t1:.2f}x)")
 
 
 if __name__ == "__main__":

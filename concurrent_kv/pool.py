@@ -214,6 +214,7 @@ class KVCachePool:
         self._storage: Optional[SlotStorage] = None
         self._stats: Any = CacheStats()
         self._read_books = enable_stats
+        self._touch_on_read = False
         self._index: Any = {}
         if shared:
             if entry_spec is None:
@@ -248,7 +249,8 @@ class KVCachePool:
             self._counters = state.stats.counters
         # Shared LRU reads reorder links other processes read: they take the lock exclusively.
         self._read_exclusive = state.shared and self._policy.reads_mutate
-        self._read_books = self._stats_on or self._policy.reads_mutate
+        self._touch_on_read = self._policy.reads_mutate
+        self._read_books = self._stats_on or self._touch_on_read
 
     def _format(self, spec: EntrySpec) -> None:
         """Allocate slot storage for entries of ``spec`` (once)."""
@@ -449,7 +451,8 @@ class KVCachePool:
                         self._counters[MISSES] += self._stats_on
                         return None
                     self._counters[HITS] += self._stats_on
-                    self._policy.touch(slot)
+                    if self._touch_on_read:
+                        self._policy.touch(slot)
             elif slot is None:
                 return None
             assert self._storage is not None
@@ -468,7 +471,8 @@ class KVCachePool:
         return Lease(self, key)
 
     def _pin(self, key: int) -> int:
-        self._check_open()
+        if self._closed:  # lease() checked the rest when the Lease was made
+            raise ClosedError(f"pool {self.name!r} is closed")
         if self._capacity is None:
             with self._book:
                 self._stats.counters[MISSES] += self._stats_on
@@ -481,7 +485,8 @@ class KVCachePool:
                     self._counters[MISSES] += self._stats_on
                     return -1
                 self._counters[HITS] += self._stats_on
-                self._policy.touch(slot)
+                if self._touch_on_read:
+                    self._policy.touch(slot)
                 self._pins.own[slot] += 1
                 return slot
         finally:
