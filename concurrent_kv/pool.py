@@ -569,10 +569,12 @@ class KVCachePool:
             try:
                 self._storage.write(slot, data, sizes)
             except BaseException:
-                if in_place:
-                    self._drop(key, slot)  # never serve a half-written entry
-                states[slot] = FREE
-                self._free.append(slot)
+                with self._book:
+                    if in_place:
+                        self._drop(key, slot)  # never serve a half-written entry; frees the slot
+                    else:
+                        states[slot] = FREE
+                        self._free.append(slot)
                 raise
             with self._book:
                 if in_place:
