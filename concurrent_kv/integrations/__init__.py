@@ -1,0 +1,1 @@
+"""Integrations with the frameworks concurrent_kv serves (LightZero's UniZero)."""
