@@ -1,0 +1,459 @@
+"""Route a LightZero UniZero world model's KV caching through a :class:`KVCacheManager`.
+
+``attach(world_model)`` adapts at the world model's cache *seams*, without copying its code:
+
+* the key -> slot dicts (``past_kv_cache_init_infer_envs[env]``, ``past_kv_cache_recurrent_infer``)
+  are replaced by maps over our pools: ``get(key)`` copies a hit into a staging entry and returns a
+  token; ``map[key] = token`` deep-copies the world model's entry into the pool;
+* the slot lists (``shared_pool_init_infer[env]``, ``shared_pool_recur_infer``) are replaced by
+  views that turn a token back into its staged entry;
+* the copy helpers (``custom_copy_kv_cache_to_shared_*``) stop copying: the maps do it, once.
+
+``clear_caches()`` and the world model's own per-search ``.clear()`` then clear our pools. Keys
+may be LightZero 0.2.0's hex strings or the int digests of later versions.
+
+Modes (LightZero's roll-out plan):
+
+* ``"original"``: the world model's own caches, untouched (``use_new_cache_manager=False``);
+* ``"new"``: our pools; the original structures are kept aside, so ``set_mode("original")``
+  switches back at once (phase 1, side by side);
+* ``"validate"``: the original caches drive the model; every lookup is mirrored in our pools and
+  the hit/miss outcome and the retrieved tensors are compared (phase 2);
+* ``"switch_over"``: our pools alone; the original slot lists are released (phase 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from ..entry import EntrySpec, KeysValues, entry_tensors
+from ..errors import ConcurrentKVError, ConfigError
+from ..manager import KVCacheManager
+from ..pool import KVCachePool
+
+__all__ = [
+    "attach",
+    "LightZeroCacheAdapter",
+    "IntegrationError",
+    "ValidationMismatchError",
+    "ValidationStats",
+    "MODES",
+    "SEAMS",
+]
+
+log = logging.getLogger(__name__)
+
+MODES = ("original", "new", "validate", "switch_over")
+#: What the adapter needs on a world model (LightZero 0.2.0's legacy cache).
+SEAMS = (
+    "past_kv_cache_init_infer_envs",
+    "past_kv_cache_recurrent_infer",
+    "shared_pool_init_infer",
+    "shared_pool_recur_infer",
+    "shared_pool_wm",
+    "custom_copy_kv_cache_to_shared_init_envs",
+    "custom_copy_kv_cache_to_shared_recur",
+    "custom_copy_kv_cache_to_shared_wm",
+    "clear_caches",
+    "keys_values_wm_list",
+)
+_REPLACED = SEAMS[:8]
+
+
+class IntegrationError(ConcurrentKVError, RuntimeError):
+    """The object is not a world model this adapter can attach to."""
+
+
+class ValidationMismatchError(ConcurrentKVError, AssertionError):
+    """In validate mode, our pools disagreed with the original cache on a lookup."""
+
+
+def _lightzero_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("LightZero")
+    except Exception:  # pragma: no cover - lightzero not installed as a distribution
+        return "unknown"
+
+
+def _key(key: Any) -> int:
+    """LightZero 0.2.0 keys are ``xxh64(...).hexdigest()`` strings; later ones are ints."""
+    return int(key, 16) if isinstance(key, str) else int(key)
+
+
+class _Pending:
+    """What a replaced copy helper returns: the source entry, copied when the map stores it."""
+
+    __slots__ = ("kv",)
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+
+
+class _Token:
+    """What a map's ``get`` returns on a hit: the private staged copy."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: Any) -> None:
+        self.entry = entry
+
+
+class _Staging:
+    """A ring of private entries that hits are copied into (the world model's "wm" pool): the
+    transformer may change them in place. Sized like the world model's own ring."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: List[Optional[KeysValues]] = [None] * size
+        self._next = 0
+
+    def candidate(self, spec: Optional[EntrySpec]) -> Optional[KeysValues]:
+        if spec is None:
+            return None
+        entry = self._entries[self._next]
+        if entry is None or EntrySpec.of(entry) != spec:
+            entry = self._entries[self._next] = spec.empty_entry()
+        return entry
+
+    def advance(self) -> None:
+        self._next = (self._next + 1) % len(self._entries)
+
+    def owns(self, kv: Any) -> bool:
+        return any(kv is e for e in self._entries)
+
+    def copy_in(self, kv: Any) -> KeysValues:
+        entry = self.candidate(EntrySpec.of(kv))
+        assert entry is not None
+        tensors, sizes = entry_tensors(kv)
+        with torch.no_grad():
+            for dst, src, size in zip(entry._caches(), tensors, sizes):
+                dst._cache.copy_(src)
+                dst._size = int(size)
+        self.advance()
+        return entry
+
+
+class _PoolMap:
+    """Stands where a key -> slot dict was; backed by one of our pools."""
+
+    def __init__(self, pool: KVCachePool, staging: _Staging) -> None:
+        self._pool = pool
+        self._staging = staging
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        buf = self._staging.candidate(self._pool.entry_spec)
+        entry = self._pool.get(_key(key), out=buf)
+        if entry is None:
+            return default
+        if buf is not None:
+            self._staging.advance()
+        return _Token(entry)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._pool.set(_key(key), value.kv if isinstance(value, _Pending) else value)
+
+    def __getitem__(self, key: Any) -> Any:
+        token = self.get(key)
+        if token is None:
+            raise KeyError(key)
+        return token
+
+    def __contains__(self, key: object) -> bool:
+        return _key(key) in self._pool
+
+    def pop(self, key: Any, default: Any = None) -> Any:
+        return key if self._pool.delete(_key(key)) else default
+
+    def __delitem__(self, key: Any) -> None:
+        if not self._pool.delete(_key(key)):
+            raise KeyError(key)
+
+    def clear(self) -> None:
+        self._pool.clear()
+
+    def __len__(self) -> int:
+        return len(self._pool)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._pool.keys())
+
+    def keys(self) -> List[int]:
+        return self._pool.keys()
+
+
+class _TokenSlots:
+    """Stands where a slot list was: indexing with a map's token gives the staged entry."""
+
+    def __getitem__(self, token: Any) -> Any:
+        if token is None:
+            raise TypeError("list indices must be integers or slices, not NoneType")  # as the list did
+        return token.entry
+
+    def __len__(self) -> int:
+        return 0
+
+
+@dataclass
+class ValidationStats:
+    """Validate mode's tally: every lookup, and how many disagreed."""
+
+    lookups: int = 0
+    compared: int = 0  # both hit: tensors and sizes compared
+    hit_mismatches: int = 0  # one hit, the other missed
+    data_mismatches: int = 0  # both hit, different contents
+    examples: List[str] = field(default_factory=list)
+
+    @property
+    def mismatches(self) -> int:
+        return self.hit_mismatches + self.data_mismatches
+
+    def as_dict(self) -> Dict[str, int]:
+        return {"lookups": self.lookups, "compared": self.compared, "hit_mismatches": self.hit_mismatches,
+                "data_mismatches": self.data_mismatches, "mismatches": self.mismatches}
+
+
+class _CheckedMap:
+    """Validate mode: the original dict drives the model; our pool mirrors every write, and
+    every lookup is answered by both and compared."""
+
+    def __init__(self, original: Dict[Any, int], slots: List[Any], pool: KVCachePool, staging: _Staging,
+                 adapter: "LightZeroCacheAdapter", name: str) -> None:
+        self._orig, self._slots, self._pool, self._staging = original, slots, pool, staging
+        self._adapter, self._name = adapter, name
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        index = self._orig.get(key)
+        buf = self._staging.candidate(self._pool.entry_spec)
+        ours = self._pool.get(_key(key), out=buf)
+        self._adapter._compare(self._name, key, None if index is None else self._slots[index], ours)
+        return default if index is None else index
+
+    def __setitem__(self, key: Any, index: int) -> None:
+        self._orig[key] = index
+        self._pool.set(_key(key), self._slots[index])  # the original helper just filled it
+
+    def __getitem__(self, key: Any) -> int:
+        return self._orig[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._orig
+
+    def pop(self, key: Any, default: Any = None) -> Any:
+        self._pool.delete(_key(key))
+        return self._orig.pop(key, default)
+
+    def clear(self) -> None:
+        self._orig.clear()
+        self._pool.clear()
+
+    def __len__(self) -> int:
+        return len(self._orig)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._orig)
+
+    def keys(self) -> Any:
+        return self._orig.keys()
+
+
+class LightZeroCacheAdapter:
+    """The link between one world model and one manager; see the module docstring."""
+
+    def __init__(self, world_model: Any, manager: KVCacheManager, on_mismatch: str = "raise",
+                 compare: str = "equal", rtol: float = 1e-5, atol: float = 1e-8) -> None:
+        if on_mismatch not in ("raise", "log"):
+            raise ConfigError(f"on_mismatch must be 'raise' or 'log', got {on_mismatch!r}")
+        if compare not in ("equal", "allclose"):
+            raise ConfigError(f"compare must be 'equal' or 'allclose', got {compare!r}")
+        self.world_model = world_model
+        self.manager = manager
+        self.on_mismatch = on_mismatch
+        self.compare = compare
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.validation = ValidationStats()
+        self.mode = "original"
+        self._original = {name: world_model.__dict__[name] for name in _REPLACED if name in world_model.__dict__}
+        self._staging = _Staging(manager.wm_pool.capacity or manager.env_num)
+
+    # -- modes ---------------------------------------------------------------------------
+
+    def set_mode(self, mode: str) -> None:
+        """Switch between ``"original"``, ``"new"``, ``"validate"`` and ``"switch_over"``.
+
+        Every switch starts from empty caches (ours and the original's): entries written under
+        one mode are not carried into another. Switch between searches, not inside one.
+        """
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.mode == "switch_over" and mode != "switch_over":
+            raise IntegrationError("after switch_over the original caches are released; re-create the world model")
+        wm = self.world_model
+        self._restore()
+        wm.clear_caches() if hasattr(wm, "clear_caches") else None
+        self.manager.clear_all()
+        if mode in ("new", "switch_over"):
+            self._install_new()
+            if mode == "switch_over":
+                self._original = {}  # the legacy slot lists and dicts can now be freed
+        elif mode == "validate":
+            self._install_validation()
+        self.mode = mode
+        if hasattr(wm, "config"):
+            try:
+                wm.config.use_new_cache_manager = mode in ("new", "switch_over")
+            except Exception:  # a read-only config object: the flag is informative only
+                pass
+
+    def _restore(self) -> None:
+        for name in _REPLACED:
+            if name in self._original:
+                setattr(self.world_model, name, self._original[name])
+            else:  # a method we shadowed on the instance: let the class's show through again
+                self.world_model.__dict__.pop(name, None)
+
+    def _install_new(self) -> None:
+        wm, m, staging = self.world_model, self.manager, self._staging
+        wm.past_kv_cache_init_infer_envs = [_PoolMap(p, staging) for p in m.init_pools]
+        wm.past_kv_cache_recurrent_infer = _PoolMap(m.recur_pool, staging)
+        wm.shared_pool_init_infer = [_TokenSlots() for _ in m.init_pools]
+        wm.shared_pool_recur_infer = _TokenSlots()
+        wm.shared_pool_wm = _TokenSlots()
+        wm.custom_copy_kv_cache_to_shared_init_envs = lambda src_kv, env_id: _Pending(src_kv)
+        wm.custom_copy_kv_cache_to_shared_recur = lambda src_kv: _Pending(src_kv)
+        wm.custom_copy_kv_cache_to_shared_wm = lambda src_kv: src_kv if staging.owns(src_kv) else staging.copy_in(src_kv)
+
+    def _install_validation(self) -> None:
+        wm, m, orig = self.world_model, self.manager, self._original
+        wm.past_kv_cache_init_infer_envs = [
+            _CheckedMap(d, orig["shared_pool_init_infer"][i], m.init_pools[i], self._staging, self, f"init_env{i}")
+            for i, d in enumerate(orig["past_kv_cache_init_infer_envs"])
+        ]
+        wm.past_kv_cache_recurrent_infer = _CheckedMap(
+            orig["past_kv_cache_recurrent_infer"], orig["shared_pool_recur_infer"], m.recur_pool, self._staging,
+            self, "recurrent")
+
+    def detach(self) -> None:
+        """Give the world model its own caches back (not possible after ``switch_over``)."""
+        self.set_mode("original")
+
+    # -- validation ----------------------------------------------------------------------
+
+    def _same(self, a: Any, b: Any) -> bool:
+        ta, sa = entry_tensors(a)
+        tb, sb = entry_tensors(b)
+        if sa != sb or len(ta) != len(tb):
+            return False
+        if self.compare == "equal":
+            return all(torch.equal(x, y) for x, y in zip(ta, tb))
+        return all(torch.allclose(x, y, rtol=self.rtol, atol=self.atol) for x, y in zip(ta, tb))
+
+    def _compare(self, pool: str, key: Any, original: Any, ours: Any) -> None:
+        v = self.validation
+        v.lookups += 1
+        if (original is None) != (ours is None):
+            v.hit_mismatches += 1
+            what = f"{pool} key {key!r}: original {'hit' if original is not None else 'miss'}, ours " \
+                   f"{'hit' if ours is not None else 'miss'}"
+        elif original is None:
+            return
+        else:
+            v.compared += 1
+            if self._same(original, ours):
+                return
+            v.data_mismatches += 1
+            what = f"{pool} key {key!r}: retrieved entries differ"
+        if len(v.examples) < 20:
+            v.examples.append(what)
+        if self.on_mismatch == "raise":
+            raise ValidationMismatchError(what)
+        log.warning("concurrent_kv validation mismatch: %s", what)
+
+    # -- statistics ----------------------------------------------------------------------
+
+    def stats_summary(self) -> Dict[str, Any]:
+        """The manager's summary, plus the validation tally and the mode."""
+        summary = self.manager.get_stats_summary()
+        summary["mode"] = self.mode
+        summary["validation"] = self.validation.as_dict()
+        return summary
+
+    def flat_stats(self, prefix: str = "kv_cache") -> Dict[str, float]:
+        """Flat scalars for ``SummaryWriter.add_scalar``: pool counters and validation tally."""
+        out = self.manager.flat_stats(prefix)
+        out.update({f"{prefix}/validation/{k}": v for k, v in self.validation.as_dict().items()})
+        return out
+
+
+def _check_seams(world_model: Any) -> None:
+    missing = [name for name in SEAMS if not hasattr(world_model, name)]
+    if missing:
+        raise IntegrationError(
+            f"{type(world_model).__name__} lacks the cache seams {missing} (LightZero {_lightzero_version()}); "
+            "concurrent_kv attaches to UniZero world models with LightZero's legacy KV cache (0.2.0)"
+        )
+    if hasattr(world_model, "pool_idx_to_key_map_recur_infer"):
+        # Later versions index reverse maps by the copy helpers' int results, which the maps
+        # here replace with tokens: that layout needs its own seam.
+        raise IntegrationError(
+            f"this world model (LightZero {_lightzero_version()}) keeps reverse slot maps "
+            "(pool_idx_to_key_map_*), which this adapter does not handle yet; supported: LightZero 0.2.0"
+        )
+
+
+def attach(
+    world_model: Any,
+    manager: Optional[KVCacheManager] = None,
+    *,
+    mode: Optional[str] = None,
+    shared: bool = False,
+    on_mismatch: str = "raise",
+    compare: str = "equal",
+    rtol: float = 1e-5,
+    atol: float = 1e-8,
+) -> LightZeroCacheAdapter:
+    """Attach a manager to a live UniZero ``world_model``; return the adapter.
+
+    ``manager`` defaults to a new one sized like the world model's own pools (``shared=True``
+    puts it in shared memory). ``mode`` defaults to ``"new"`` when the world model's config has
+    ``use_new_cache_manager=True``, else ``"original"`` (LightZero's default).
+    """
+    _check_seams(world_model)
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    config = getattr(world_model, "config", None)
+    if manager is None:
+        env_num = len(world_model.past_kv_cache_init_infer_envs)
+        spec = None
+        if config is not None and all(hasattr(config, f) for f in ("num_layers", "num_heads", "embed_dim", "context_length")):
+            device = torch.device(getattr(config, "device", "cpu") or "cpu")
+            if device.type == "cpu":
+                spec = EntrySpec(config.num_layers, 1, config.num_heads, config.context_length,
+                                 config.embed_dim // config.num_heads)
+        manager = KVCacheManager(
+            {
+                "init_pool_size": len(world_model.shared_pool_init_infer[0]),
+                "recur_pool_size": len(world_model.shared_pool_recur_infer),
+                "wm_pool_size": len(world_model.shared_pool_wm),
+            },
+            env_num,
+            shared=shared,
+            entry_spec=spec,
+        )
+    elif not isinstance(manager, KVCacheManager):
+        raise ConfigError(f"manager must be a KVCacheManager, got {type(manager).__name__}")
+    if manager.env_num < len(world_model.past_kv_cache_init_infer_envs):
+        raise ConfigError(
+            f"manager has {manager.env_num} init pools; the world model has "
+            f"{len(world_model.past_kv_cache_init_infer_envs)} environments"
+        )
+    adapter = LightZeroCacheAdapter(world_model, manager, on_mismatch, compare, rtol, atol)
+    if mode is None:
+        mode = "new" if bool(getattr(config, "use_new_cache_manager", False)) else "original"
+    if mode != "original":
+        adapter.set_mode(mode)
+    return adapter
