@@ -310,11 +310,13 @@ class EntrySpec:
                 raise EntryMismatchError(f"EntrySpec.{name} must be a positive int, got {value!r}")
         if not isinstance(self.dtype, torch.dtype):
             raise EntryMismatchError(f"EntrySpec.dtype must be a torch.dtype, got {self.dtype!r}")
+        if isinstance(self.device, bool) or not isinstance(self.device, (str, int, torch.device)):
+            raise EntryMismatchError(f"EntrySpec.device must be a torch.device, str or int, got {self.device!r}")
         try:
             device = torch.device(self.device)
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())  # tensors report an index
-        except (RuntimeError, TypeError, AssertionError) as exc:
+        except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
             raise EntryMismatchError(f"EntrySpec.device must name a usable torch device, got {self.device!r}: {exc}") from None
         object.__setattr__(self, "device", device)
 
