@@ -159,3 +159,26 @@ def test_shared_manager_round_trip() -> None:
         KVCacheManager(cfg, 2).handle()
     with pytest.raises(AttachError):
         KVCacheManager.attach(object())  # type: ignore[arg-type]
+
+
+def test_no_public_call_writes_outside_a_slot() -> None:
+    """Oversized entries and token counts are refused; a lease view spans exactly its slot."""
+    from concurrent_kv import EntryMismatchError
+
+    with KVCachePool(3, shared=True, entry_spec=SPEC, name="bounds") as p:
+        for k in range(3):
+            p.set(k, fill_entry(SPEC.empty_entry(), k))
+        big = EntrySpec(1, 1, 2, 8, 4).empty_entry()  # twice the tokens of a slot
+        with pytest.raises(EntryMismatchError):
+            p.set(1, big)
+        tall = SPEC.empty_entry()
+        tall[0]._k_cache._size = SPEC.max_tokens + 1
+        with pytest.raises(EntryMismatchError):
+            p.set(1, tall)
+        with pytest.raises(EntryMismatchError):
+            p.get(1, out=big)
+        with p.lease(1) as view:
+            assert view._block.numel() * view._block.element_size() == SPEC.nbytes
+            view._block.fill_(999.0)  # misuse: scribbling on a leased view...
+        assert verify_entry(p.get(0), 0) and verify_entry(p.get(2), 2)  # ...stays inside slot 1
+        p.check()
