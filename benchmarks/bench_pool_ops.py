@@ -16,14 +16,9 @@ import timeit
 
 import torch
 
-from concurrent_kv import EntrySpec, KVCachePool
+from _common import SIZES
+from concurrent_kv import KVCachePool
 from concurrent_kv.workload import fill_entry
-
-SIZES = {
-    "8KiB": EntrySpec(2, 1, 2, 8, 32),  # CartPole
-    "96KiB": EntrySpec(2, 1, 8, 8, 96),  # Atari default
-    "1.27MiB": EntrySpec(4, 1, 4, 162, 64),  # Memory env
-}
 
 
 def per_call_us(fn, number: int, repeat: int) -> float:

@@ -16,34 +16,15 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Dict
 
 import torch
-import torch.multiprocessing as tmp
 
+from _common import SIZES, manager_dict, p50_us, torch_queue
 from concurrent_kv import EntrySpec, KVCachePool
 from concurrent_kv.workload import fill_entry
-
-SIZES = {
-    "8KiB": EntrySpec(2, 1, 2, 8, 32),
-    "96KiB": EntrySpec(2, 1, 8, 8, 96),
-    "1.27MiB": EntrySpec(4, 1, 4, 162, 64),
-}
-
-
-def p50_us(fn: Callable[[], object], n: int) -> float:
-    for _ in range(min(50, n)):
-        fn()
-    times = []
-    clock = time.perf_counter_ns
-    for _ in range(n):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return statistics.median(times) / 1000
 
 
 def pool_ops(pool: KVCachePool, spec: EntrySpec, n: int) -> Dict[str, float]:
@@ -62,41 +43,6 @@ def pool_ops(pool: KVCachePool, spec: EntrySpec, n: int) -> Dict[str, float]:
         "miss": p50_us(lambda: pool.get(10**12), n),
         "lease": p50_us(lease, n),
     }
-
-
-def manager_dict(spec: EntrySpec, n: int) -> Dict[str, float]:
-    with mp.Manager() as m:
-        d = m.dict()
-        t = fill_entry(spec.empty_entry(), 7)._block
-        d[7] = t
-        return {"set": p50_us(lambda: d.__setitem__(7, t), n), "get": p50_us(lambda: d[7], n)}
-
-
-def _queue_producer(q, done, spec: EntrySpec, n: int) -> None:
-    torch.set_num_threads(1)
-    for _ in range(n + 20):
-        q.put(torch.full(spec.block_shape, 1.0))  # a new tensor per item, as a collector makes
-    q.put(None)
-    done.wait(60)  # the fd strategy needs the sender alive until every item is received
-
-
-def torch_queue(spec: EntrySpec, n: int) -> float:
-    """Per-item time of tensors sent through torch.multiprocessing.Queue (consumer side)."""
-    ctx = tmp.get_context("fork")
-    q = ctx.Queue(maxsize=64)
-    done = ctx.Event()
-    proc = ctx.Process(target=_queue_producer, args=(q, done, spec, n))
-    proc.start()
-    for _ in range(20):
-        q.get()
-    start = time.perf_counter()
-    count = 0
-    while q.get() is not None:
-        count += 1
-    elapsed = time.perf_counter() - start
-    done.set()
-    proc.join()
-    return elapsed / count * 1e6
 
 
 def _throughput_worker(handle, spec: EntrySpec, seconds: float, seed: int, out) -> None:
