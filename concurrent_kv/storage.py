@@ -75,7 +75,7 @@ class SlotStorage:
             return KeysValues.from_block(self._slots[slot].clone(), sizes)
         target = out.block_if_intact() if type(out) is KeysValues else None
         if target is not None:
-            target.detach().copy_(self._slots[slot])
+            (target.detach() if target.requires_grad else target).copy_(self._slots[slot])
         else:
             tensors, _ = entry_tensors(out)
             torch._foreach_copy_([t.detach() for t in tensors], self._parts_of(slot))

@@ -20,3 +20,29 @@ def keyed_entry(key: int, spec: EntrySpec = SMALL) -> KeysValues:
 
 def is_entry_of(entry: object, key: int) -> bool:
     return verify_entry(entry, key)
+
+
+def assert_leases_released_and_refillable(pool) -> None:
+    """No pin is left, and a full refill (at a priority above any earlier one) takes every slot:
+    retired slots are reclaimed by the writers that need them."""
+    assert pool.occupancy().pins == 0
+    for key in range(10_000, 10_000 + pool.capacity):
+        pool.set(key, keyed_entry(key), priority=1e9)
+    occ = pool.occupancy()
+    assert (occ.live, occ.retired, occ.free) == (pool.capacity, 0, 0)
+    pool.check()
+
+
+def segment_fds() -> list:
+    """This process's descriptors that point at a concurrent_kv segment."""
+    import os
+
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "/ckv-" in target:
+            found.append(target)
+    return found

@@ -11,7 +11,7 @@ import pytest
 from concurrent_kv import KVCacheManager, KVCachePool, LockTimeoutError
 from concurrent_kv.workload import WorkloadConfig, make_manager, run_collectors
 
-from .helpers import SMALL, keyed_entry, is_entry_of
+from .helpers import SMALL, assert_leases_released_and_refillable, is_entry_of, keyed_entry
 
 THREADS = 8
 
@@ -216,10 +216,4 @@ def test_concurrent_clears_and_writes_keep_invariants() -> None:
         t.join(30)
     assert errors == []
     pool.check()
-    assert pool.occupancy().pins == 0  # every lease released its pin
-    # Retired slots are reclaimed by the next writer that needs one: a full refill uses every slot.
-    for key in range(10_000, 10_000 + pool.capacity):
-        pool.set(key, keyed_entry(key), priority=1e9)
-    occ = pool.occupancy()
-    assert (occ.live, occ.retired, occ.free) == (pool.capacity, 0, 0)
-    pool.check()
+    assert_leases_released_and_refillable(pool)

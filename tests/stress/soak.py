@@ -18,14 +18,17 @@ import os
 import random
 import signal
 import statistics
+import tempfile
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
 from concurrent_kv import EntrySpec, KVCacheManager, PoolExhaustedError
 from concurrent_kv.workload import fill_entry, verify_entry
+
+from ..helpers import segment_fds
 
 SPEC = EntrySpec(num_layers=2, num_samples=1, num_heads=2, max_tokens=4, head_dim=8)
 COUNTERS = ("ops", "reads", "verified", "corrupt", "errors")
@@ -43,7 +46,7 @@ def _worker(handle: Any, slot: int, counters: Any, stop: Any, threads: int, seed
         entry = SPEC.empty_entry()
         buf = SPEC.empty_entry()
         local = dict.fromkeys(COUNTERS, 0)
-        while not stop.is_set():
+        while not stop.value:
             key = rng.randrange(64)
             env = rng.randrange(manager.env_num)
             r = rng.random()
@@ -96,31 +99,19 @@ def _worker(handle: Any, slot: int, counters: Any, stop: Any, threads: int, seed
     manager.close()
 
 
-def _our_fds() -> List[str]:
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if "/ckv-" in target:
-            found.append(target)
-    return found
-
-
 def soak(seconds: float, processes: int = 2, threads: int = 2, kill_every: float = 0.5, seed: int = 0) -> Dict[str, Any]:
     rng = random.Random(seed)
     ctx = mp.get_context("fork")
     max_slots = 64  # worker slots in the shared counter array (each restart takes a new one)
     counters = ctx.Array("q", max_slots * len(COUNTERS), lock=False)
-    stop = ctx.Event()
+    # A lock-free flag: an mp.Event takes a semaphore in is_set(), and a worker SIGKILLed while
+    # holding it would leave every other process blocked for ever (concurrency-notes 3.1).
+    stop = ctx.RawValue("b", 0)
     manager = KVCacheManager({"num_simulations": 8, "init_pool_size": 16}, 2, shared=True, entry_spec=SPEC)
     paths = [p for h in manager.handle().pools for p in (h.meta_path, h.data_path)]
     handle = manager.handle()
     next_slot = 0
     workers: Dict[int, Any] = {}
-    import tempfile
-
     error_log = os.path.join(tempfile.mkdtemp(prefix="ckv-soak-"), "errors.txt")
 
     def start_worker() -> None:
@@ -159,7 +150,7 @@ def soak(seconds: float, processes: int = 2, threads: int = 2, kill_every: float
         manager.check()
         checks += 1
         start_worker()
-    stop.set()
+    stop.value = 1
     for p in workers.values():
         p.join(30)
         if p.is_alive():  # pragma: no cover - reported as a leak below
@@ -185,7 +176,7 @@ def soak(seconds: float, processes: int = 2, threads: int = 2, kill_every: float
         "invariant_checks": checks,
         "random_clears": clears,
         "leaked_segments": [p for p in paths if os.path.exists(p)],
-        "leaked_fds": _our_fds(),
+        "leaked_fds": segment_fds(),
         "leaked_processes": [p.pid for p in workers.values() if p.is_alive()],
         "error_examples": error_examples,
     }

@@ -17,6 +17,7 @@ import torch
 from concurrent_kv import EntrySpec, KVCacheManager, KVCachePool
 from concurrent_kv.workload import WorkloadConfig, fill_entry, make_manager, run_processes, verify_entry
 
+from ..helpers import segment_fds
 from . import mp_workers
 
 pytestmark = pytest.mark.stress
@@ -24,22 +25,6 @@ SPEC = EntrySpec(num_layers=2, num_samples=1, num_heads=2, max_tokens=4, head_di
 ATARI = EntrySpec(num_layers=2, num_samples=1, num_heads=8, max_tokens=8, head_dim=96)
 SECONDS = float(os.environ.get("STRESS_SECONDS", "1.5"))
 RECOVERY_BOUND_S = 1.0
-
-
-def _our_fds() -> list:
-    """Descriptors of this process that point at a concurrent_kv segment.
-
-    (The process's total count is no measure: multiprocessing starts its resource tracker and
-    forkserver on first use, and keeps their pipes open.)"""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if "/ckv-" in target:
-            found.append(target)
-    return found
 
 
 @pytest.fixture
@@ -54,7 +39,7 @@ def no_leaks():
         pool.close()
     left = [p for p in paths if os.path.exists(p)]
     assert not left, f"segments left in /dev/shm: {left}"
-    assert not [t for t in _our_fds() if any(t.endswith(os.path.basename(p)) for p in paths)], _our_fds()
+    assert not [t for t in segment_fds() if any(t.endswith(os.path.basename(p)) for p in paths)], segment_fds()
 
 
 def _pool(made: list, capacity: int = 16, strategy: str = "fifo", spec: EntrySpec = SPEC) -> KVCachePool:

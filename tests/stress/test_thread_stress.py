@@ -16,7 +16,7 @@ import pytest
 from concurrent_kv import KVCachePool, PoolExhaustedError
 from concurrent_kv.workload import WorkloadConfig, make_manager, run_collectors
 
-from ..helpers import SMALL, is_entry_of, keyed_entry
+from ..helpers import SMALL, assert_leases_released_and_refillable, is_entry_of, keyed_entry
 
 pytestmark = pytest.mark.stress
 SECONDS = float(os.environ.get("STRESS_SECONDS", "1.5"))
@@ -85,13 +85,7 @@ def test_mixed_ops_until_deadline(strategy: str, lock: str, seed: int) -> None:
     assert (stats.hits, stats.misses) == (totals["hits"], totals["misses"])
     assert stats.inserts + stats.updates == totals["sets"]
     pool.check()
-    assert pool.occupancy().pins == 0  # every lease released its pin
-    # Retired slots are reclaimed by the next writer that needs one: a full refill uses every slot.
-    for key in range(10_000, 10_000 + pool.capacity):
-        pool.set(key, keyed_entry(key), priority=1e9)
-    occ = pool.occupancy()
-    assert (occ.live, occ.retired, occ.free) == (pool.capacity, 0, 0)
-    pool.check()
+    assert_leases_released_and_refillable(pool)
 
 
 @pytest.mark.parametrize("lock", ["rw", "mutex"])
