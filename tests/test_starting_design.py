@@ -1156,3 +1156,22 @@ def test_workflow_mcts_search_every_parent_read_hits() -> None:
             for node in tree[e]:
                 assert_entry(m.hierarchical_get(e, node), value[node], size=0)
     m.check()
+
+
+def test_the_starting_designs_usage_example_runs_unchanged() -> None:
+    """starting-design.md's example, word for word apart from the import line."""
+    from concurrent_kv import KVCacheManager
+
+    config = types.SimpleNamespace(num_simulations=50, game_segment_length=20)
+    kv_object = KeysValues(1, 8, 8, 768, 2, "cpu")
+    # --- the example ---
+    manager = KVCacheManager(config=config, env_num=4, enable_stats=True)
+    manager.set_init_cache(env_id=0, cache_key=123, kv_cache=kv_object)
+    kv = manager.get_init_cache(env_id=0, cache_key=123)
+    stats = manager.get_stats_summary()
+    # --- what it promised ---
+    assert kv is not None and torch.equal(kv._block, kv_object._block)
+    assert stats["stats_enabled"] is True and set(stats) >= {"init_pools", "recur_pool", "wm_pool"}
+    assert stats["init_pools"]["env_0"]["hits"] == 1
+    legacy_form = manager.get_stats_summary(as_strings=True)
+    assert legacy_form["init_pools"]["env_0"].startswith("CacheStats(hits=1, misses=0")
