@@ -70,9 +70,15 @@ class KVCacheManager:
                 "a shared manager needs the entry shape: pass entry_spec=, or num_layers, num_heads, "
                 "embed_dim and context_length in the config"
             )
+        from .pool import MAX_SLOTS
+
+        plan = self._pool_plan()
+        for size, _, name in plan:  # before allocating anything
+            if size > MAX_SLOTS:
+                raise ConfigError(f"pool {name} would have {size:,} slots; a pool holds at most {MAX_SLOTS:,}")
         pools: List[KVCachePool] = []
         try:
-            for size, strategy, name in self._pool_plan():
+            for size, strategy, name in plan:
                 pools.append(KVCachePool(
                     size, strategy, enable_stats, name, entry_spec=spec, lock=cfg.lock,
                     lock_timeout=cfg.lock_timeout, shared=shared, max_workers=cfg.max_workers,

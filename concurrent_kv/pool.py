@@ -59,6 +59,15 @@ __all__ = ["KVCachePool", "Lease", "PoolHandle", "Occupancy"]
 StrategyLike = Union[EvictionStrategy, str, Type[EvictionPolicy]]
 #: How often a writer of a shared pool looks for dead workers whose pins must be reclaimed.
 REAP_INTERVAL_NS = 250_000_000
+#: The most slots a pool may have. UniZero needs thousands; metadata is allocated up front, so
+#: an absurd size must fail here with a clear error, not exhaust the machine's memory.
+MAX_SLOTS = 1 << 22
+
+
+def _check_capacity(capacity: int, what: str) -> int:
+    if capacity > MAX_SLOTS:
+        raise ConfigError(f"{what} gives {capacity:,} slots; a pool holds at most {MAX_SLOTS:,}")
+    return capacity
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -185,7 +194,7 @@ class KVCachePool:
         if (pool_size is None) == (max_bytes is None):
             raise ConfigError("give exactly one of pool_size (slots) or max_bytes")
         if pool_size is not None:
-            _positive_int("pool_size", pool_size)
+            _check_capacity(_positive_int("pool_size", pool_size), "pool_size")
         if max_bytes is not None:
             _positive_int("max_bytes", max_bytes)
         if not isinstance(enable_stats, bool):
@@ -256,16 +265,22 @@ class KVCachePool:
         """Allocate slot storage for entries of ``spec`` (once)."""
         if self._capacity is None:
             assert self._max_bytes is not None
-            capacity = self._max_bytes // spec.nbytes
+            capacity = _check_capacity(self._max_bytes // spec.nbytes, "max_bytes")
             if capacity == 0:
                 raise EntryMismatchError(f"one entry takes {spec.nbytes} bytes, more than max_bytes={self._max_bytes}")
             self._bind(LocalState(capacity, self._policy_cls))
         assert self._capacity is not None
-        self._storage = SlotStorage(spec, self._capacity)
+        try:
+            self._storage = SlotStorage(spec, self._capacity)
+        except RuntimeError as exc:  # torch could not allocate the slots
+            raise EntryMismatchError(
+                f"cannot allocate {self._capacity:,} slots of {spec.nbytes:,} bytes on {spec.device}: {exc}"
+            ) from None
         self._spec = spec
 
     def _create_shared(self, spec: EntrySpec, lock: str, max_workers: int) -> None:
         capacity = self._capacity if self._capacity is not None else (self._max_bytes or 0) // spec.nbytes
+        _check_capacity(capacity, "max_bytes")
         if capacity == 0:
             raise EntryMismatchError(f"one entry takes {spec.nbytes} bytes, more than max_bytes={self._max_bytes}")
         policy = self._policy_cls.name

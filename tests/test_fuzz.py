@@ -158,3 +158,15 @@ def test_report_case_count() -> None:
     """Not a check: prints how many hostile calls this module made (for the closing note)."""
     print(f"\nhostile calls made by tests/test_fuzz.py: {CASES[0]}")
     assert CASES[0] >= 0
+
+
+@pytest.mark.parametrize("config", [{"recur_pool_size": 10**9}, {"num_simulations": 10**12},
+                                    {"init_pool_size": 5 * 10**6}, {"wm_pool_size": 2**40}])
+def test_huge_sizes_are_refused_before_any_allocation(config: dict) -> None:
+    """Found by fuzzing: a 'valid' but absurd size exhausted the machine's memory."""
+    with pytest.raises(ConcurrentKVError, match="at most"):
+        KVCacheManager(config, 2)
+    with pytest.raises(ConcurrentKVError, match="at most"):
+        KVCachePool(10**9)
+    with pytest.raises(ConcurrentKVError, match="at most"):
+        KVCachePool(max_bytes=10**15, entry_spec=SPEC)
