@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .config import ManagerConfig
 from .entry import EntrySpec
 from .errors import ClosedError, ConfigError, EnvIdError
-from .pool import KVCachePool, PoolHandle
+from .pool import MAX_SLOTS, KVCachePool, PoolHandle
 from .shm import AttachError
 from .stats import StatsSnapshot
 
@@ -70,8 +70,6 @@ class KVCacheManager:
                 "a shared manager needs the entry shape: pass entry_spec=, or num_layers, num_heads, "
                 "embed_dim and context_length in the config"
             )
-        from .pool import MAX_SLOTS
-
         plan = self._pool_plan()
         for size, _, name in plan:  # before allocating anything
             if size > MAX_SLOTS:

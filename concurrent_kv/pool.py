@@ -114,12 +114,6 @@ class Occupancy:
     pins: int  # leases held, over all processes
 
 
-def _data_digest(capacity: int, spec: EntrySpec) -> bytes:
-    import hashlib
-
-    return hashlib.sha256(f"data|{capacity}|{spec.block_shape}|{spec.dtype}".encode()).digest()
-
-
 def _map_block(path: str, capacity: int, spec: EntrySpec) -> torch.Tensor:
     """The slot tensor over a data segment, in torch shared memory (``from_file``, MAP_SHARED)."""
     itemsize = torch.empty((), dtype=spec.dtype).element_size()
@@ -284,7 +278,7 @@ class KVCachePool:
         if capacity == 0:
             raise EntryMismatchError(f"one entry takes {spec.nbytes} bytes, more than max_bytes={self._max_bytes}")
         policy = self._policy_cls.name
-        data = Segment.create(self.name + ".data", capacity * spec.nbytes, _data_digest(capacity, spec))
+        data = Segment.create(self.name + ".data", capacity * spec.nbytes, SharedState.data_digest(capacity, spec))
         try:
             meta = Segment.create(
                 self.name, SharedState.payload_bytes(capacity, spec, max_workers),
@@ -334,7 +328,7 @@ class KVCachePool:
         if not isinstance(handle, PoolHandle):
             raise AttachError(f"attach expects a PoolHandle, got {type(handle).__name__}")
         spec = handle.entry_spec()
-        data = Segment.attach(handle.data_path, handle.capacity * spec.nbytes, _data_digest(handle.capacity, spec))
+        data = Segment.attach(handle.data_path, handle.capacity * spec.nbytes, SharedState.data_digest(handle.capacity, spec))
         data.close()
         policy_cls = resolve_policy(handle.policy)
         meta = Segment.attach(
@@ -453,9 +447,8 @@ class KVCachePool:
         self._check_open()
         if out is not None:
             self._check_out(out)
-        if self._capacity is None:  # sized by max_bytes and still empty
-            with self._book:
-                self._stats.counters[MISSES] += self._stats_on
+        if self._capacity is None:
+            self._miss_while_unsized()
             return None
         held = self._acquire(self._read_exclusive)
         try:
@@ -475,6 +468,11 @@ class KVCachePool:
         finally:
             held.release()
 
+    def _miss_while_unsized(self) -> None:
+        """A lookup in a pool sized by ``max_bytes`` that has no entry yet (no slots at all)."""
+        with self._book:
+            self._stats.counters[MISSES] += self._stats_on
+
     def lease(self, cache_key: int) -> Lease:
         """``with pool.lease(key) as kv:`` a zero-copy view, pinned until the block exits.
 
@@ -489,8 +487,7 @@ class KVCachePool:
         if self._closed:  # lease() checked the rest when the Lease was made
             raise ClosedError(f"pool {self.name!r} is closed")
         if self._capacity is None:
-            with self._book:
-                self._stats.counters[MISSES] += self._stats_on
+            self._miss_while_unsized()
             return -1
         held = self._acquire(self._read_exclusive)
         try:

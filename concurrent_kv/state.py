@@ -215,7 +215,6 @@ class LocalState:
         self.pins = PinTable([[0] * capacity], self.life, 0)
         self.stats: Any = CacheStats()
         self.policy = policy_cls(capacity)
-        self.sizes: Optional[Cells] = None  # storage allocates its own
 
     def close(self) -> None:
         pass
@@ -310,8 +309,14 @@ class SharedState:
 
     @staticmethod
     def digest(capacity: int, policy: str, spec: EntrySpec, max_workers: int) -> bytes:
+        """The meta segment's layout, as its header records it for ``attach`` to check."""
         text = f"meta|{capacity}|{policy}|{spec.block_shape}|{spec.dtype}|{max_workers}"
         return hashlib.sha256(text.encode()).digest()
+
+    @staticmethod
+    def data_digest(capacity: int, spec: EntrySpec) -> bytes:
+        """The data segment's layout (the slot tensor's shape and dtype)."""
+        return hashlib.sha256(f"data|{capacity}|{spec.block_shape}|{spec.dtype}".encode()).digest()
 
     # -- worker rows ---------------------------------------------------------------------
 
