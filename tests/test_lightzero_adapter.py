@@ -142,23 +142,44 @@ def test_a_foreign_entry_is_staged_by_the_wm_helper() -> None:
 
 
 def test_validate_mode_compares_with_allclose_and_flags_changes() -> None:
+    KEY = 9 << 8 | 1  # its caches hold 4 and 1 valid tokens: validation compares those
     wm = StandInWorldModel()
     adapter = attach(wm, mode="validate", compare="allclose", atol=1e-3, on_mismatch="raise")
-    wm.store(0, hexkey(1), fill_entry(SPEC.empty_entry(), 1), init=False)
+    wm.store(0, hexkey(KEY), fill_entry(SPEC.empty_entry(), KEY), init=False)
     adapter.manager.recur_pool._storage.block.add_(1e-4)  # within tolerance
-    assert verify_entry(wm.lookup(0, hexkey(1)), 1)
+    assert verify_entry(wm.lookup(0, hexkey(KEY)), KEY)
     adapter.manager.recur_pool._storage.block.add_(1.0)  # beyond it
     with pytest.raises(ValidationMismatchError, match="differ"):
-        wm.lookup(0, hexkey(1))
-    adapter.manager.recur_pool.delete(1)
+        wm.lookup(0, hexkey(KEY))
+    adapter.manager.recur_pool.delete(KEY)
     with pytest.raises(ValidationMismatchError, match="original hit, ours miss"):
-        wm.lookup(0, hexkey(1))
+        wm.lookup(0, hexkey(KEY))
     assert adapter.validation.data_mismatches == 1 and adapter.validation.hit_mismatches == 1
     flat = adapter.flat_stats()
     assert flat["kv_cache/validation/mismatches"] == 2 and "kv_cache/recurrent/hits" in flat
     v = wm.past_kv_cache_recurrent_infer
-    assert hexkey(1) in v and len(v) == 1 and list(v) == [hexkey(1)] and list(v.keys()) == [hexkey(1)]
-    assert v[hexkey(1)] == 0 and v.pop(hexkey(1)) == 0
+    assert hexkey(KEY) in v and len(v) == 1 and list(v) == [hexkey(KEY)] and list(v.keys()) == [hexkey(KEY)]
+    assert v[hexkey(KEY)] == 0 and v.pop(hexkey(KEY)) == 0
+
+
+@pytest.mark.parametrize("compare", ["equal", "allclose"])
+def test_validate_mode_compares_only_the_tokens_the_model_reads(compare: str) -> None:
+    # LightZero allocates slots with torch.empty: past _size they hold anything, NaN included.
+    wm = StandInWorldModel()
+    adapter = attach(wm, mode="validate", compare=compare, on_mismatch="raise")
+    kv = fill_entry(SPEC.empty_entry(), 1)
+    for c in kv._caches():
+        c._size = 2
+        c._cache[..., 0, 0] = float("nan")  # a NaN the model produced: inside the valid tokens
+    wm.store(0, hexkey(1), kv, init=False)
+    original = wm.shared_pool_recur_infer[wm.past_kv_cache_recurrent_infer[hexkey(1)]]
+    for c in original._caches():
+        c._cache[..., 2:, :] = float("nan")  # the tail differs from our copy's
+    wm.lookup(0, hexkey(1))
+    assert adapter.validation.compared == 1 and adapter.validation.mismatches == 0
+    original._caches()[1]._cache[..., 1, 0] += 1.0  # a change inside the valid tokens is caught
+    with pytest.raises(ValidationMismatchError, match="differ"):
+        wm.lookup(0, hexkey(1))
 
 
 def test_detach_restores_the_world_models_own_caches() -> None:

@@ -81,6 +81,16 @@ def _lightzero_version() -> str:
         return "unknown"
 
 
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit patterns, so that equal NaNs compare equal (floats only; others as they are)."""
+    if t.is_floating_point() and t.element_size() in _SAME_WIDTH_INT:
+        return t.contiguous().view(_SAME_WIDTH_INT[t.element_size()])
+    return t
+
+
 def _key(key: Any) -> int:
     """LightZero 0.2.0 keys are ``xxh64(...).hexdigest()`` strings; later ones are ints."""
     return int(key, 16) if isinstance(key, str) else int(key)
@@ -344,13 +354,27 @@ class LightZeroCacheAdapter:
     # -- validation ----------------------------------------------------------------------
 
     def _same(self, a: Any, b: Any) -> bool:
+        """Whether two entries give the model the same tokens.
+
+        Only each cache's first ``_size`` tokens are compared: the model never reads past them,
+        and LightZero allocates its slots with ``torch.empty``, so the tail holds whatever the
+        memory held, NaN included (NaN != NaN would fail a faithful copy). For the same reason
+        ``"equal"`` compares bits and ``"allclose"`` counts NaN equal to NaN.
+        """
         ta, sa = entry_tensors(a)
         tb, sb = entry_tensors(b)
         if sa != sb or len(ta) != len(tb):
             return False
-        if self.compare == "equal":
-            return all(torch.equal(x, y) for x, y in zip(ta, tb))
-        return all(torch.allclose(x, y, rtol=self.rtol, atol=self.atol) for x, y in zip(ta, tb))
+        for x, y, size in zip(ta, tb, sa):
+            x, y = x[..., :size, :], y[..., :size, :]
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            if self.compare == "equal":
+                if not torch.equal(_bits(x), _bits(y)):
+                    return False
+            elif not torch.allclose(x, y, rtol=self.rtol, atol=self.atol, equal_nan=True):
+                return False
+        return True
 
     def _compare(self, pool: str, key: Any, original: Any, ours: Any) -> None:
         v = self.validation
