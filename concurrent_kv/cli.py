@@ -7,6 +7,7 @@ import sys
 import time
 from typing import List, Optional, Sequence, TextIO
 
+from .locks import LOCK_KINDS
 from .manager import KVCacheManager
 from .workload import WorkloadConfig, WorkloadResult, make_manager, run_collectors, run_processes
 
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--start-method", choices=["spawn", "fork", "forkserver"], default="spawn")
     demo.add_argument("--shared-keys", type=float, default=None,
                       help="chance a child state is common to all envs (default 0.25 with --processes, else 0)")
-    demo.add_argument("--lock", choices=["rw", "mutex"], default="rw", help="pool lock (default %(default)s)")
+    demo.add_argument("--lock", choices=list(LOCK_KINDS), default="rw", help="pool lock (default %(default)s)")
     demo.add_argument("--recur-clear", choices=["auto", "global", "own", "none"], default="auto")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Union
 from .entry import EntrySpec
 from .errors import ConfigError
 from .eviction import EvictionStrategy, resolve_policy
+from .locks import LOCK_KINDS
 
 __all__ = ["ManagerConfig"]
 
@@ -55,8 +56,8 @@ class ManagerConfig:
             resolve_policy(getattr(self, name))  # raises ConfigError on an unknown name
         if self.num_heads and self.embed_dim and self.embed_dim % self.num_heads:
             raise ConfigError(f"config.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
-        if self.lock not in ("rw", "mutex"):
-            raise ConfigError(f"config.lock must be 'rw' or 'mutex', got {self.lock!r}")
+        if self.lock not in LOCK_KINDS:
+            raise ConfigError(f"config.lock must be one of {LOCK_KINDS}, got {self.lock!r}")
         t = self.lock_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ConfigError(f"config.lock_timeout must be a positive number of seconds, got {t!r}")

@@ -1,13 +1,18 @@
 """Pool locks behind one small interface.
 
 A pool asks its lock for ``acquire_read(timeout)`` / ``acquire_write(timeout)`` and gets back an
-object whose ``release()`` ends the hold. Two implementations:
+object whose ``release()`` ends the hold. Three implementations:
 
-* :class:`ReaderWriterLock` (default): ``readerwriterlock.RWLockFair``. Readers copy entries out
-  in parallel (torch copies release the GIL); a writer excludes everyone. A **fresh** reader or
-  writer object is generated per acquisition: ``readerwriterlock`` keeps the "locked" flag on the
-  generated object, so one object shared by threads corrupts the lock (basilisp#722).
-* :class:`MutexLock`: one ``threading.Lock`` for both sides; the cheapest when copies are small.
+* :class:`ReaderWriterLock` (default, ``"rw"``): ``readerwriterlock.RWLockFair``'s protocol (a
+  turnstile that a waiting writer holds, so neither side starves) on three ``threading.Lock`` objects,
+  with a try-first fast path: an uncontended hold costs ~0.6 us where the library's generic code,
+  which reads the clock around every inner lock, costs ~2.4 us, most of a 96 KiB get's budget.
+* :class:`LibraryRWLock` (``"readerwriterlock"``): the library's ``RWLockFair`` itself. A
+  **fresh** reader or writer object is generated per acquisition: ``readerwriterlock`` keeps the
+  "locked" flag on the generated object, so one object shared by threads corrupts the lock
+  (basilisp#722).
+* :class:`MutexLock` (``"mutex"``): one ``threading.Lock`` for both sides; the cheapest when
+  copies are small.
 
 Shared pools put :class:`ProcessLock` on top: one of the above for threads, then ``flock`` for
 processes, which the kernel releases when a holder dies.
@@ -27,7 +32,9 @@ from readerwriterlock import rwlock
 
 from .errors import ConfigError, LockTimeoutError
 
-__all__ = ["PoolLock", "Releasable", "ReaderWriterLock", "MutexLock", "ProcessLock", "make_lock"]
+__all__ = [
+    "PoolLock", "Releasable", "ReaderWriterLock", "LibraryRWLock", "MutexLock", "ProcessLock", "LOCK_KINDS", "make_lock",
+]
 
 
 class Releasable(Protocol):
@@ -42,8 +49,81 @@ class PoolLock(Protocol):
     def acquire_write(self, timeout: float) -> Releasable: ...
 
 
+def _wait(lock: threading.Lock, deadline: float) -> bool:
+    """The slow path: block on ``lock`` until ``deadline`` (``time.monotonic``)."""
+    return lock.acquire(True, max(0.0, deadline - time.monotonic()))
+
+
+class _Release:
+    """A hold's ``release``: one per lock and side, so an acquisition allocates nothing."""
+
+    __slots__ = ("release",)
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self.release = release
+
+
 class ReaderWriterLock:
-    """Shared readers, exclusive writer (``RWLockFair``: neither side starves)."""
+    """Shared readers, exclusive writer, neither starving (``RWLockFair``'s protocol).
+
+    A writer takes the turnstile and keeps it until it releases, so readers that arrive after it
+    wait behind it; readers pass through the turnstile, and the first one in takes the room for
+    all of them, the last one out gives it back. Each inner lock is first tried without blocking;
+    only a contended one reads the clock and waits for what is left of ``timeout``.
+    """
+
+    def __init__(self, name: str = "pool") -> None:
+        self._name = name
+        self._turnstile = threading.Lock()
+        self._room = threading.Lock()  # held by the writer, or by the readers as a group
+        self._count_lock = threading.Lock()
+        self._readers = 0
+        self._read_hold = _Release(self._release_read)
+        self._write_hold = _Release(self._release_write)
+
+    def acquire_read(self, timeout: float) -> Releasable:
+        deadline = time.monotonic() + timeout
+        turnstile, count_lock = self._turnstile, self._count_lock
+        if not (turnstile.acquire(False) or _wait(turnstile, deadline)):
+            raise LockTimeoutError(f"{self._name}: no read lock within {timeout} s")
+        try:
+            if not (count_lock.acquire(False) or _wait(count_lock, deadline)):
+                raise LockTimeoutError(f"{self._name}: no read lock within {timeout} s")
+            try:
+                if self._readers == 0 and not (self._room.acquire(False) or _wait(self._room, deadline)):
+                    raise LockTimeoutError(f"{self._name}: no read lock within {timeout} s")
+                self._readers += 1
+            finally:
+                count_lock.release()
+        finally:
+            turnstile.release()
+        return self._read_hold
+
+    def _release_read(self) -> None:
+        with self._count_lock:
+            if self._readers <= 0:
+                raise RuntimeError(f"{self._name}: read lock released more often than acquired")
+            self._readers -= 1
+            if self._readers == 0:
+                self._room.release()
+
+    def acquire_write(self, timeout: float) -> Releasable:
+        deadline = time.monotonic() + timeout
+        turnstile, room = self._turnstile, self._room
+        if not (turnstile.acquire(False) or _wait(turnstile, deadline)):
+            raise LockTimeoutError(f"{self._name}: no write lock within {timeout} s")
+        if not (room.acquire(False) or _wait(room, deadline)):
+            turnstile.release()
+            raise LockTimeoutError(f"{self._name}: no write lock within {timeout} s")
+        return self._write_hold
+
+    def _release_write(self) -> None:
+        self._room.release()
+        self._turnstile.release()
+
+
+class LibraryRWLock:
+    """``readerwriterlock.RWLockFair`` itself: the same protocol, the library's code."""
 
     def __init__(self, name: str = "pool") -> None:
         self._rw = rwlock.RWLockFair()
@@ -77,11 +157,17 @@ class MutexLock:
     acquire_write = acquire_read
 
 
-_LOCKS: Dict[str, Callable[[str], PoolLock]] = {"rw": ReaderWriterLock, "mutex": MutexLock}
+_LOCKS: Dict[str, Callable[[str], PoolLock]] = {
+    "rw": ReaderWriterLock,
+    "readerwriterlock": LibraryRWLock,
+    "mutex": MutexLock,
+}
+LOCK_KINDS = tuple(_LOCKS)  # the names a pool, a config or a shared pool accepts
 
 
 def make_lock(kind: Union[str, Callable[[str], PoolLock]], name: str = "pool") -> PoolLock:
-    """Build a pool lock: ``"rw"`` (default), ``"mutex"``, or a factory ``f(name) -> PoolLock``."""
+    """Build a pool lock: a name from :data:`LOCK_KINDS` (``"rw"`` is the default) or a factory
+    ``f(name) -> PoolLock``."""
     if isinstance(kind, str):
         factory = _LOCKS.get(kind.lower())
         if factory is None:
@@ -89,7 +175,7 @@ def make_lock(kind: Union[str, Callable[[str], PoolLock]], name: str = "pool") -
         return factory(name)
     if callable(kind):
         return kind(name)
-    raise ConfigError(f"lock must be 'rw', 'mutex' or a factory, got {type(kind).__name__}")
+    raise ConfigError(f"lock must be one of {LOCK_KINDS} or a factory, got {type(kind).__name__}")
 
 
 def _flock(fd: int, op: int, deadline: float, name: str) -> None:
@@ -159,7 +245,7 @@ class ProcessLock:
         self._name = name
         self._kind = kind
         self._threads = make_lock(kind, name)
-        self._shared_reads = kind == "rw"
+        self._shared_reads = kind != "mutex"
         self._fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         self._count_lock = threading.Lock()
         self._readers = 0

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from concurrent_kv import KVCacheManager, KVCachePool, LockTimeoutError
+from concurrent_kv.locks import LOCK_KINDS
 from concurrent_kv.workload import WorkloadConfig, make_manager, run_collectors
 
 from .helpers import SMALL, assert_leases_released_and_refillable, is_entry_of, keyed_entry
@@ -75,7 +76,7 @@ def run_hammer(pool: KVCachePool, ops: int = 1500, keys: int = 48, seed: int = 0
 
 
 @pytest.mark.parametrize("strategy", ["fifo", "lru", "priority"])
-@pytest.mark.parametrize("lock", ["rw", "mutex"])
+@pytest.mark.parametrize("lock", LOCK_KINDS)
 def test_threads_verify_every_read_and_lose_no_increment(strategy: str, lock: str) -> None:
     pool = KVCachePool(32, strategy, lock=lock)  # fewer slots than keys: evictions race with reads
     tally = run_hammer(pool)
