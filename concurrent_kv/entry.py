@@ -13,7 +13,7 @@ never imported here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -302,6 +302,7 @@ class EntrySpec:
     head_dim: int
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    _block_shape: torch.Size = field(init=False, repr=False, compare=False)  # derived, for the hot path
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_samples", "num_heads", "max_tokens", "head_dim"):
@@ -319,6 +320,7 @@ class EntrySpec:
         except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
             raise EntryMismatchError(f"EntrySpec.device must name a usable torch device, got {self.device!r}: {exc}") from None
         object.__setattr__(self, "device", device)
+        object.__setattr__(self, "_block_shape", torch.Size((2 * self.num_layers, *self.layer_shape)))
 
     @classmethod
     def of(cls, kv: Any) -> "EntrySpec":
@@ -336,7 +338,18 @@ class EntrySpec:
 
     @property
     def block_shape(self) -> Tuple[int, ...]:
-        return (2 * self.num_layers, *self.layer_shape)
+        return tuple(self._block_shape)
+
+    def own_block(self, kv: Any) -> Optional[torch.Tensor]:
+        """``kv``'s block when it is one of our intact :class:`KeysValues` of this spec, else None
+        (the hot path of reads into ``out=``: the token counts are about to be overwritten)."""
+        if type(kv) is not KeysValues:
+            return None
+        block = kv.block_if_intact()
+        if block is None or block.shape != self._block_shape or block.dtype != self.dtype \
+                or block.device != self.device:
+            return None
+        return block
 
     @property
     def nbytes(self) -> int:
@@ -365,12 +378,17 @@ class EntrySpec:
         :class:`KeysValues` (one copy moves it), else its list of K0, V0, K1, V1, ... tensors.
         Raises :class:`InvalidEntryError` or :class:`EntryMismatchError` saying what was expected.
         """
-        block = kv.block_if_intact() if type(kv) is KeysValues else None
-        if block is not None:
-            sizes = tuple(c._size for layer in kv._keys_values for c in (layer._k_cache, layer._v_cache))
-            if block.shape == self.block_shape and block.dtype == self.dtype and block.device == self.device:
-                if all(type(x) is int and 0 <= x <= self.max_tokens for x in sizes):
-                    return block, sizes
+        block = self.own_block(kv)
+        if block is not None:  # one pass, no generator: this runs on every set
+            top = self.max_tokens
+            found: List[int] = []
+            for layer in kv._keys_values:
+                k, v = layer._k_cache._size, layer._v_cache._size
+                if type(k) is not int or type(v) is not int or not (0 <= k <= top and 0 <= v <= top):
+                    break
+                found += (k, v)
+            else:
+                return block, tuple(found)
         tensors, sizes = entry_tensors(kv)
         if len(tensors) != 2 * self.num_layers:
             raise EntryMismatchError(f"entry has {len(tensors) // 2} layers, the pool's slots hold {self.num_layers}")

@@ -35,7 +35,7 @@ from .entry import EntrySpec, KeysValues
 from .errors import ClosedError, ConfigError, EntryMismatchError, InvariantError, PoolExhaustedError
 from .eviction import EvictionPolicy, EvictionStrategy, check_priority, resolve_policy
 from .keys import check_key
-from .locks import PoolLock, ProcessLock, make_lock
+from .locks import LOCK_KINDS, PoolLock, ProcessLock, make_lock
 from .shm import AttachError, Segment
 from .state import (
     DIRTY,
@@ -224,8 +224,8 @@ class KVCachePool:
                 raise ConfigError("a shared pool needs entry_spec (its slots are laid out before any entry)")
             if entry_spec.device.type != "cpu":
                 raise ConfigError("a shared pool keeps its slots in host shared memory: entry_spec.device must be cpu")
-            if not isinstance(lock, str) or lock not in ("rw", "mutex"):
-                raise ConfigError(f"a shared pool's lock must be 'rw' or 'mutex', got {lock!r}")
+            if not isinstance(lock, str) or lock not in LOCK_KINDS:
+                raise ConfigError(f"a shared pool's lock must be one of {LOCK_KINDS}, got {lock!r}")
             self._create_shared(entry_spec, lock, max_workers)
             return
         self._lock: Any = make_lock(lock, name)
@@ -538,12 +538,8 @@ class KVCachePool:
         """Validate a read buffer. Its token counts are about to be overwritten, so one of our
         intact entries only needs its block's shape, dtype and device checked (the hot path)."""
         spec = self._spec
-        if spec is not None and type(out) is KeysValues:
-            block = out.block_if_intact()
-            if block is not None and block.shape == spec.block_shape and block.dtype == spec.dtype \
-                    and block.device == spec.device:
-                return
-        self._check_entry(out)
+        if spec is None or spec.own_block(out) is None:
+            self._check_entry(out)
 
     def _check_entry(self, kv: Any) -> Tuple[EntrySpec, Any, Tuple[int, ...]]:
         spec = self._spec if self._spec is not None else EntrySpec.of(kv)

@@ -37,6 +37,7 @@ class SlotStorage:
         self.block = block
         self._slots: List[torch.Tensor] = list(block.unbind(0))  # one view per slot, made once
         self._parts: List[Optional[List[torch.Tensor]]] = [None] * capacity  # per-tensor views, made on demand
+        self._views: List[Optional[KeysValues]] = [None] * capacity  # lease views, made on demand
         self._width = 2 * spec.num_layers
         self._sizes: Cells = [0] * (capacity * self._width) if sizes is None else sizes
 
@@ -49,9 +50,18 @@ class SlotStorage:
         return tuple(self._sizes[base : base + self._width])
 
     def _record_sizes(self, slot: int, sizes: Tuple[int, ...]) -> None:
-        base = slot * self._width
-        for i, size in enumerate(sizes):
-            self._sizes[base + i] = size
+        cells, i = self._sizes, slot * self._width
+        for size in sizes:
+            cells[i] = size
+            i += 1
+
+    def _give_sizes(self, slot: int, kv: Any) -> None:
+        """Set ``kv``'s token counts to ``slot``'s (``kv`` has the spec's layer count)."""
+        cells, i = self._sizes, slot * self._width
+        for layer in kv._keys_values:
+            layer._k_cache._size = cells[i]
+            layer._v_cache._size = cells[i + 1]
+            i += 2
 
     def write(self, slot: int, data: Union[torch.Tensor, List[torch.Tensor]], sizes: Tuple[int, ...]) -> None:
         """Deep-copy validated entry data (see ``EntrySpec.check``) into ``slot``."""
@@ -70,20 +80,34 @@ class SlotStorage:
     def read(self, slot: int, out: Optional[Any] = None) -> Any:
         """A private deep copy of ``slot``: a new :class:`KeysValues`, or copied into ``out``
         (already validated against the spec)."""
-        sizes = self.sizes(slot)
         if out is None:
-            return KeysValues.from_block(self._slots[slot].clone(), sizes)
+            return KeysValues.from_block(self._slots[slot].clone(), self.sizes(slot))
         target = out.block_if_intact() if type(out) is KeysValues else None
         if target is not None:
             (target.detach() if target.requires_grad else target).copy_(self._slots[slot])
         else:
             tensors, _ = entry_tensors(out)
             torch._foreach_copy_([t.detach() for t in tensors], self._parts_of(slot))
-        for layer, i in zip(out._keys_values, range(0, len(sizes), 2)):
-            layer._k_cache._size = sizes[i]
-            layer._v_cache._size = sizes[i + 1]
+        self._give_sizes(slot, out)
         return out
 
     def view(self, slot: int) -> KeysValues:
-        """A zero-copy :class:`KeysValues` over ``slot`` (valid while the slot is pinned)."""
-        return KeysValues.from_block(self._slots[slot], self.sizes(slot), self._parts_of(slot))
+        """A zero-copy :class:`KeysValues` over ``slot``, valid while the slot is pinned.
+
+        One view object per slot is made on first use and handed out again (building one costs
+        ~3 us): each call points its caches back at the slot and refreshes their token counts.
+        Concurrent leases of one slot share it, which is safe because a pinned slot never
+        changes and lease holders only read.
+        """
+        kv = self._views[slot]
+        if kv is None:
+            kv = self._views[slot] = KeysValues.from_block(self._slots[slot], self.sizes(slot), self._parts_of(slot))
+            return kv
+        parts, cells, base = self._parts_of(slot), self._sizes, slot * self._width
+        i = 0
+        for layer in kv._keys_values:
+            k, v = layer._k_cache, layer._v_cache
+            k._cache, k._size = parts[i], cells[base + i]
+            v._cache, v._size = parts[i + 1], cells[base + i + 1]
+            i += 2
+        return kv

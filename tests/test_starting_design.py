@@ -367,6 +367,21 @@ def test_lease_view_is_zero_copy_and_equals_stored_data() -> None:
     pool.check()
 
 
+def test_a_later_lease_of_a_rewritten_slot_sees_the_new_entry() -> None:
+    """Leases of one slot reuse one view object; each lease refreshes its sizes and tensors."""
+    pool = pool_of(1)
+    slot = pool.set(1, entry(1, size=2))
+    with pool.lease(1) as first, pool.lease(1) as second:
+        assert_entry(first, 1, size=2)
+        assert second is first  # concurrent leases of one slot share its view
+        first._keys_values[0]._k_cache._cache = torch.zeros(1)  # a reader that broke the rule
+    assert pool.set(2, entry(2, size=4)) == slot  # key 1 evicted, its slot rewritten
+    with pool.lease(2) as view:
+        assert_entry(view, 2, size=4)
+        assert caches(view)[0]._cache.data_ptr() == pool._storage.block[slot].data_ptr()
+    pool.check()
+
+
 @pytest.mark.parametrize("strategy", ["fifo", "lru", "priority"])
 def test_leased_key_is_never_evicted(strategy: str) -> None:
     """Filling a pool far beyond capacity while holding a lease never evicts the leased key."""
