@@ -213,6 +213,10 @@ class KVCachePool:
         self._pid = os.getpid()
         self._fault: Optional[Callable[[str], None]] = None  # test hook: called at named points
         self._book = threading.Lock()
+        self._inflight = 0  # this process's writes copying outside the lock (close waits for them)
+        # Shared pools copy new entries outside the exclusive lock (see _set_split); with a mutex
+        # every hold is exclusive anyway, so the extra lock rounds would buy nothing.
+        self._split_writes = shared and lock != "mutex"
         self._spec: Optional[EntrySpec] = None
         self._storage: Optional[SlotStorage] = None
         self._stats: Any = CacheStats()
@@ -310,8 +314,10 @@ class KVCachePool:
     def _claim_worker(self) -> None:
         held = self._lock.acquire_write(self._timeout)
         try:
-            self._state.claim_worker()
+            took_over_dead = self._state.claim_worker()
             self._bind(self._state)
+            if took_over_dead:  # its pins were just dropped: reclaim the slots they held
+                self._sweep_retired()
         finally:
             held.release()
 
@@ -350,6 +356,8 @@ class KVCachePool:
         pool._pid = os.getpid()
         pool._fault = None
         pool._book = threading.Lock()
+        pool._inflight = 0
+        pool._split_writes = handle.lock != "mutex"
         pool._handle = handle
         pool._data_path = handle.data_path
         try:
@@ -367,6 +375,7 @@ class KVCachePool:
         self._owner = False
         self._pid = os.getpid()
         self._book = threading.Lock()
+        self._inflight = 0
         self._lock.reopen_after_fork()
         self._state.worker = None
 
@@ -558,6 +567,8 @@ class KVCachePool:
         prio = 0.0 if priority is None else check_priority(priority)
         self._check_open()
         spec, data, sizes = self._check_entry(kv_cache)
+        if self._split_writes and self._spec is not None:
+            return self._set_split(key, data, sizes, prio)
         held = self._acquire(True)
         try:
             self._check_open()
@@ -614,6 +625,107 @@ class KVCachePool:
         finally:
             life[DIRTY] = 0
 
+    def _set_split(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float) -> int:
+        """``set`` of a new key in three steps, so that other processes read and write while
+        this one copies: reserve a slot (exclusive lock), copy into it (no lock), publish it
+        (exclusive lock). A rewrite of a stored key is done in place under the lock instead.
+
+        The reserved slot is WRITING and pinned in this process's row: no one else serves,
+        evicts or frees it. If this process dies mid-copy, reaping its row leaves the slot
+        WRITING with no pin, which the next sweep frees; the key was never published.
+        """
+        deadline = time.monotonic() + self._timeout
+        while True:
+            held = self._acquire(True)
+            try:
+                self._check_open()
+                if self._index.get(key) is not None:
+                    return self._set_locked(key, data, sizes, prio)
+                life = self._life
+                life[DIRTY] = self._pid
+                try:
+                    with self._book:
+                        slot = self._take_slot()
+                        self._pins.own[slot] += 1
+                        self._slot_state[slot] = WRITING
+                        self._inflight += 1
+                except PoolExhaustedError:
+                    # Slots reserved by writes in flight come back within microseconds: wait
+                    # for them; slots pinned by leases alone are a real exhaustion.
+                    if WRITING not in [self._slot_state[s] for s in range(self._capacity or 0)] \
+                            or time.monotonic() >= deadline:
+                        raise
+                    slot = -1
+                finally:
+                    life[DIRTY] = 0
+                storage = self._storage
+            finally:
+                held.release()
+            if slot >= 0:
+                break
+            time.sleep(0.0001)
+        assert storage is not None
+        try:
+            if self._fault is not None:
+                self._fault("writing")
+            storage.write(slot, data, sizes)
+        except BaseException:
+            self._abandon(slot)
+            raise
+        return self._publish(key, slot, prio)
+
+    def _abandon(self, slot: int) -> None:
+        """A split write failed before publishing: give its reserved slot back."""
+        try:
+            held = self._acquire(True)
+        except BaseException:
+            with self._book:  # the slot stays pinned until this process closes or exits
+                self._inflight -= 1
+            raise
+        try:
+            with self._book:
+                self._pins.own[slot] -= 1
+                self._inflight -= 1
+                self._slot_state[slot] = FREE
+                self._free.append(slot)
+        finally:
+            held.release()
+
+    def _publish(self, key: int, slot: int, prio: float) -> int:
+        """Make a copied slot the entry of ``key`` (a newer value than any stored meanwhile)."""
+        try:
+            held = self._acquire(True)
+        except BaseException:
+            with self._book:
+                self._inflight -= 1
+            raise
+        try:
+            life = self._life
+            life[DIRTY] = self._pid
+            with self._book:
+                self._pins.own[slot] -= 1
+                self._inflight -= 1
+                if self._closed:  # close() is waiting for this write: hand the slot back
+                    self._slot_state[slot] = FREE
+                    self._free.append(slot)
+                    life[DIRTY] = 0
+                    raise ClosedError(f"pool {self.name!r} was closed during set")
+                old = self._index.get(key)
+                if old is not None:  # another writer published this key while we copied
+                    self._drop(key, old)
+                    self._counters[UPDATES] += self._stats_on
+                else:
+                    self._counters[INSERTS] += self._stats_on
+                self._slot_key[slot] = key
+                self._index[key] = slot
+                self._slot_state[slot] = READY
+                self._policy.insert(slot, prio)
+                life[INSERTED] += 1
+            life[DIRTY] = 0
+            return slot
+        finally:
+            held.release()
+
     def _take_slot(self, keep: Optional[int] = None) -> int:
         """A free slot, else the policy's unpinned victim other than ``keep`` (evicted here)."""
         free = self._free
@@ -625,7 +737,8 @@ class KVCachePool:
                 return slot == keep or total(slot)
 
         if self._shared and time.monotonic_ns() - self._life[LAST_REAP_NS] > REAP_INTERVAL_NS:
-            self._state.reap_dead_workers()
+            if self._state.reap_dead_workers():
+                self._sweep_retired()  # their half-copied slots too
         if not free and self._life[RETIRED_COUNT]:
             self._sweep_retired()
         if free:
@@ -647,13 +760,17 @@ class KVCachePool:
         return victim
 
     def _sweep_retired(self) -> None:
-        """Return retired slots whose pins are all gone to the free stack."""
+        """Return retired slots whose pins are all gone to the free stack, and slots a dead
+        process reserved for a write (WRITING, its pin reaped). Caller holds the exclusive
+        lock, outside any in-place write, so every live split write still pins its slot."""
         states, total = self._slot_state, self._pins.total
         for slot in range(self._capacity or 0):
-            if states[slot] == RETIRED and not total(slot):
+            state = states[slot]
+            if (state == RETIRED or state == WRITING) and not total(slot):
                 states[slot] = FREE
                 self._free.append(slot)
-                self._life[RETIRED_COUNT] -= 1
+                if state == RETIRED:
+                    self._life[RETIRED_COUNT] -= 1
 
     def _drop(self, key: int, slot: int) -> None:
         """Remove ``key`` (at ``slot``) from the index; free or retire its slot."""
@@ -708,12 +825,14 @@ class KVCachePool:
         died halfway through a change (caller holds the exclusive lock). A slot that was being
         written is dropped: a half-written entry is never served."""
         cap = self._capacity or 0
-        states, keys = self._slot_state, self._slot_key
+        states, keys, total = self._slot_state, self._slot_key, self._pins.total
+        self._state.reap_dead_workers()
         live: List[int] = []
         seen = set()
         for slot in range(cap):
             if states[slot] == WRITING:
-                states[slot] = FREE
+                if not total(slot):  # a pinned one is a live process's split write: left alone
+                    states[slot] = FREE
             elif states[slot] == READY:
                 if keys[slot] in seen:  # only if the crash hit between retire and publish
                     states[slot] = FREE
@@ -734,7 +853,6 @@ class KVCachePool:
         life = self._life
         life[RETIRED_COUNT] = retired
         life[INSERTED] = len(live) + life[EVICTED] + life[REMOVED]
-        self._state.reap_dead_workers()
         life[DIRTY] = 0
 
     def recover(self) -> List[int]:
@@ -767,9 +885,14 @@ class KVCachePool:
             return
         held = self._lock.acquire_write(self._timeout)
         try:
+            self._closed = True
+        finally:
+            held.release()
+        self._wait_for_split_writes()
+        held = self._lock.acquire_write(self._timeout)
+        try:
             if self._shared:
                 self._state.release_worker()
-            self._closed = True
             self._storage = None
         finally:
             held.release()
@@ -785,6 +908,14 @@ class KVCachePool:
             _shared_pools.discard(self)
         else:
             self._index = {}
+
+    def _wait_for_split_writes(self) -> None:
+        """Let this process's writes that are copying outside the lock finish (each then
+        hands its slot back, seeing the pool closed) before the storage goes away. Bounded by
+        the lock timeout: a thread stuck longer loses its write, not the process its memory."""
+        deadline = time.monotonic() + self._timeout
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.0005)
 
     def __enter__(self) -> "KVCachePool":
         return self
@@ -810,7 +941,8 @@ class KVCachePool:
     def check(self) -> None:
         """Verify the bookkeeping invariants; raise :class:`InvariantError` on the first broken one.
 
-        Meant for quiescent points (tests, after stress runs): it takes the write lock.
+        It takes the exclusive lock, so it may run while other threads and processes work. A
+        shared pool first reclaims what dead workers left (pins, slots they were writing).
         """
         self._check_open()
         if self._capacity is None:
@@ -818,6 +950,9 @@ class KVCachePool:
         held = self._acquire(True)
         try:
             with self._book:
+                if self._shared:
+                    self._state.reap_dead_workers()
+                    self._sweep_retired()
                 self._check_locked()
         finally:
             held.release()
@@ -837,11 +972,15 @@ class KVCachePool:
         require(all(states[s] == READY for s in live), "an indexed slot is not READY")
         require(all(states[s] == FREE for s in free), "a slot on the free list is not FREE")
         counts = {st: states.count(st) for st in (FREE, WRITING, READY, RETIRED)}
-        require(counts[WRITING] == 0, "a slot is still WRITING at a quiescent point")
+        # Outside the exclusive lock the only WRITING slots are split writes in flight (shared
+        # pools), each pinned by its writer; the sweep above freed those of dead writers.
+        require(all(self._pins[s] > 0 for s in range(cap) if states[s] == WRITING),
+                "a slot is WRITING with no writer in flight")
         require(counts[READY] == len(live), "a READY slot is missing from the index")
         require(counts[FREE] == len(free), "a FREE slot is missing from the free list")
         require(counts[RETIRED] == self._life[RETIRED_COUNT], "retired count disagrees with slot states")
-        require(len(live) + len(free) + counts[RETIRED] == cap, "free + live + retired != capacity")
+        require(len(live) + len(free) + counts[RETIRED] + counts[WRITING] == cap,
+                "free + live + retired + writing != capacity")
         for key, slot in self._index.items():
             require(self._slot_key[slot] == key, f"slot {slot} records key {self._slot_key[slot]}, index says {key}")
         require(all(self._pins[s] >= 0 for s in range(cap)), "negative pin count")

@@ -320,8 +320,9 @@ class SharedState:
 
     # -- worker rows ---------------------------------------------------------------------
 
-    def claim_worker(self) -> int:
-        """Take a worker row for this process (caller holds the pool's exclusive lock)."""
+    def claim_worker(self) -> bool:
+        """Take a worker row for this process (caller holds the pool's exclusive lock); return
+        whether it was a dead worker's, whose pins were just dropped (its slots need a sweep)."""
         me = os.getpid()
         start = start_time(me)
         for w in range(self.max_workers):
@@ -336,7 +337,7 @@ class SharedState:
                 self.worker = w
                 self.pins = PinTable(self._pin_rows, self.life, w)
                 self.stats = SharedStats(self._stats_np, self._stat_rows[w])
-                return w
+                return pid != 0
         raise RuntimeError(f"all {self.max_workers} worker rows of this pool are taken by live processes")
 
     def release_worker(self) -> None:

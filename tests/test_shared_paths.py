@@ -7,14 +7,17 @@ deterministically, without processes.
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
 from concurrent_kv import (
     AttachError,
+    ClosedError,
     ConfigError,
     EntryMismatchError,
     EntrySpec,
+    InvariantError,
     KVCacheManager,
     KVCachePool,
     LockTimeoutError,
@@ -22,7 +25,7 @@ from concurrent_kv import (
 )
 from concurrent_kv import shm
 from concurrent_kv.state import DIRTY, READY, RETIRED, WRITING
-from concurrent_kv.workload import fill_entry, verify_entry
+from concurrent_kv.workload import entry_writer, fill_entry, verify_entry
 
 SPEC = EntrySpec(num_layers=1, num_samples=1, num_heads=2, max_tokens=4, head_dim=4)
 
@@ -245,3 +248,104 @@ def test_segment_helpers() -> None:
         assert os.path.basename(junk) not in shm.remove_stale_segments()
     finally:
         os.unlink(junk)
+
+
+# -- split writes: a shared pool copies a new entry outside its exclusive lock ----------------
+
+
+class StalledWrite:
+    """``pool.set(key, ...)`` in a thread, held at the copy point until ``go()``."""
+
+    def __init__(self, pool: KVCachePool, key: int, value: int) -> None:
+        self.copying, self._go = threading.Event(), threading.Event()
+        self.result: list = []
+        waiting = [True]
+
+        def hook(point: str) -> None:
+            if point == "writing" and waiting[0] and threading.current_thread() is self.thread:
+                waiting[0] = False
+                self.copying.set()
+                assert self._go.wait(10)
+
+        pool._fault = hook
+
+        def body() -> None:
+            try:
+                self.result.append(pool.set(key, entry(value)))
+            except BaseException as exc:
+                self.result.append(exc)
+
+        self.thread = threading.Thread(target=body, daemon=True)
+        self.thread.start()
+        assert self.copying.wait(10)
+
+    def go(self) -> object:
+        self._go.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        return self.result[0]
+
+
+def test_a_copying_writer_blocks_no_one_and_publishes_when_done() -> None:
+    with KVCachePool(4, shared=True, entry_spec=SPEC, lock_timeout=2.0) as p:
+        p.set(1, entry(1))
+        stalled = StalledWrite(p, 7, 7)
+        # Mid-copy: readers, writers and the audit all get the exclusive lock at once.
+        assert verify_entry(p.get(1), 1)
+        p.set(2, entry(2))
+        assert 7 not in p and p.get(7) is None  # not published yet
+        p.check()  # the in-flight slot is WRITING and pinned by its writer: allowed
+        occ = p.occupancy()
+        assert (occ.live, occ.free, occ.pinned) == (2, 1, 1)
+        slot = stalled.go()
+        assert isinstance(slot, int) and verify_entry(p.get(7), 7)
+        p.check()
+        assert p.occupancy().free == 1 and p.stats_snapshot().inserts == 3
+
+
+def test_two_writers_of_one_new_key_leave_the_later_value_and_no_leak() -> None:
+    with KVCachePool(4, shared=True, entry_spec=SPEC) as p:
+        stalled = StalledWrite(p, 5, 5)
+        p.set(5, fill_entry(SPEC.empty_entry(), 5, writer=2))  # published first
+        stalled.go()  # published second: its value wins, the first slot is freed
+        got = p.get(5)
+        assert verify_entry(got, 5) and entry_writer(got) == 0
+        s = p.stats_snapshot()
+        assert (s.inserts, s.updates) == (1, 1)
+        p.check()
+        assert (p.occupancy().live, p.occupancy().free) == (1, 3)
+
+
+def test_a_write_waits_for_slots_reserved_by_writes_in_flight() -> None:
+    with KVCachePool(1, shared=True, entry_spec=SPEC, lock_timeout=5.0) as p:
+        stalled = StalledWrite(p, 1, 1)
+        later = threading.Thread(target=lambda: p.set(2, entry(2)))
+        later.start()  # the only slot is reserved: this set waits instead of failing
+        later.join(0.3)
+        assert later.is_alive()
+        stalled.go()
+        later.join(10)
+        assert not later.is_alive() and verify_entry(p.get(2), 2) and 1 not in p
+        p.check()
+
+
+def test_close_waits_for_a_copying_writer_which_then_fails_cleanly() -> None:
+    p = KVCachePool(2, shared=True, entry_spec=SPEC, lock_timeout=5.0)
+    stalled = StalledWrite(p, 3, 3)
+    closer = threading.Thread(target=p.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # waiting for the copy to finish
+    assert isinstance(stalled.go(), ClosedError)
+    closer.join(10)
+    assert p.closed
+
+
+def test_check_reports_a_writing_slot_with_no_writer(pool: KVCachePool) -> None:
+    pool.set(1, entry(1))
+    free = pool._free.pop()
+    pool._slot_state[free] = WRITING  # reserved, but by no one (and no dead worker to reap)
+    with pytest.raises(InvariantError, match="no writer"):
+        pool._check_locked()
+    pool.check()  # the public audit sweeps first: such a slot is freed
+    assert pool.occupancy().free == 5

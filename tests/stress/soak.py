@@ -122,39 +122,44 @@ def soak(seconds: float, processes: int = 2, threads: int = 2, kill_every: float
         workers[next_slot] = p
         next_slot += 1
 
-    for _ in range(processes):
-        start_worker()
-    kills, recoveries, checks, clears = 0, [], 0, 0
-    probe = SPEC.empty_entry()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and next_slot < max_slots:
-        time.sleep(rng.uniform(0.2, 2 * kill_every))
-        if rng.random() < 0.3:
-            (manager.clear_recur_cache if rng.random() < 0.5 else manager.clear_all)()
-            clears += 1
-        victim_slot = rng.choice(list(workers))
-        victim = workers.pop(victim_slot)
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.join(10)
-        kills += 1
-        start = time.monotonic()
-        key = 10_000 + kills  # recovered when the owner can write and then read every pool
-        manager.set_recur_cache(key, fill_entry(probe, key, 99))
-        got = manager.get_recur_cache(key)
-        for env in range(manager.env_num):
-            manager.get_init_cache(env, key)
-        recoveries.append(time.monotonic() - start)
-        # The workers may already have evicted the probe (16 recur slots, 64 keys in play),
-        # but whatever a read returns must be the probe's own, untorn entry.
-        assert got is None or verify_entry(got, key), "the pool served a wrong entry after a kill"
-        manager.check()
-        checks += 1
-        start_worker()
-    stop.value = 1
-    for p in workers.values():
-        p.join(30)
-        if p.is_alive():  # pragma: no cover - reported as a leak below
-            p.kill()
+    try:
+        for _ in range(processes):
+            start_worker()
+        kills, recoveries, checks, clears = 0, [], 0, 0
+        probe = SPEC.empty_entry()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and next_slot < max_slots:
+            time.sleep(rng.uniform(0.2, 2 * kill_every))
+            if rng.random() < 0.3:
+                (manager.clear_recur_cache if rng.random() < 0.5 else manager.clear_all)()
+                clears += 1
+            victim_slot = rng.choice(list(workers))
+            victim = workers.pop(victim_slot)
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(10)
+            kills += 1
+            start = time.monotonic()
+            key = 10_000 + kills  # recovered when the owner can write and then read every pool
+            manager.set_recur_cache(key, fill_entry(probe, key, 99))
+            got = manager.get_recur_cache(key)
+            for env in range(manager.env_num):
+                manager.get_init_cache(env, key)
+            recoveries.append(time.monotonic() - start)
+            # The workers may already have evicted the probe (16 recur slots, 64 keys in play),
+            # but whatever a read returns must be the probe's own, untorn entry.
+            assert got is None or verify_entry(got, key), "the pool served a wrong entry after a kill"
+            manager.check()
+            checks += 1
+            start_worker()
+    finally:
+        # Stop and reap every worker even when an assertion above failed: a worker left
+        # running would hammer the pool (and the CPU) long after the test is over.
+        stop.value = 1
+        for p in workers.values():
+            p.join(30)
+            if p.is_alive():  # pragma: no cover - reported as a leak below
+                p.kill()
+                p.join(10)
     manager.recur_pool.recover()
     manager.check()
     checks += 1
