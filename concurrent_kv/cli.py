@@ -66,7 +66,8 @@ def report(manager: KVCacheManager, cfg: WorkloadConfig, result: WorkloadResult,
          else f"collectors (threads): {cfg.collectors}")
         + f"   envs: {cfg.env_num}   simulations/search: {cfg.num_simulations}"
         f"   entry: {entry_kib:.0f} KiB   lock: {manager.config.lock}   shared memory: {manager.shared}",
-        f"env steps: {t.steps}   cache ops: {t.ops}   elapsed: {result.elapsed_s:.2f} s   "
+        f"env steps: {t.steps}   cache ops: {t.ops}   elapsed: {result.elapsed_s:.2f} s"
+        + (f" (+{result.startup_s:.2f} s to start and attach the workers)" if processes else "") + "   "
         f"ops/s: {result.ops_per_s:,.0f}   env steps/s: {t.steps / result.elapsed_s:,.1f}",
         f"reads: {t.reads}   hits: {t.hits}   verified against their key: {t.verified}/{t.hits}"
         f"   corrupt: {t.corrupt}   errors: {len(t.errors)}",

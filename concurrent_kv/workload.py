@@ -162,11 +162,13 @@ class CollectorResult:
 
 @dataclass
 class WorkloadResult:
-    """The sum over collectors, and the wall time."""
+    """The sum over collectors, and the time they ran: from their common start to the last one
+    done. ``startup_s`` is what came before, for worker processes: start and attach."""
 
     total: CollectorResult
     elapsed_s: float
     per_collector: List[CollectorResult]
+    startup_s: float = 0.0
 
     @property
     def ops_per_s(self) -> float:
@@ -323,10 +325,16 @@ def run_collectors(
 
 
 def _process_main(handle: Any, cfg: WorkloadConfig, env_ids: List[int], threads: int, tag: int,
-                  progress: Any, results: Any) -> None:
-    """One worker process: attach the shared manager, run its collectors, report counters."""
-    manager = KVCacheManager.attach(handle)
+                  progress: Any, results: Any, ready: Any) -> None:
+    """One worker process: attach the shared manager, wait for the others, run its collectors,
+    report counters."""
     try:
+        manager = KVCacheManager.attach(handle)
+    except BaseException:
+        ready.abort()  # no one waits for a worker that will never come
+        raise
+    try:
+        ready.wait(60)
         def step() -> None:
             with progress.get_lock():
                 progress.value += 1
@@ -349,7 +357,11 @@ def run_processes(
 ) -> WorkloadResult:
     """Run the collectors as ``processes`` worker processes that attach the shared ``manager``
     by handle; each runs ``cfg.collectors // processes`` threads (at least one) over its envs.
-    ``on_progress(env_steps_done)`` is called as work advances."""
+    ``on_progress(env_steps_done)`` is called as work advances.
+
+    Workers start collecting together, once all have attached (a barrier), so ``elapsed_s``
+    compares with a threaded run's; process start and attach are reported as ``startup_s``.
+    """
     import multiprocessing as mp
     import queue
 
@@ -359,16 +371,23 @@ def run_processes(
     ctx: Any = mp.get_context(start_method)
     progress = ctx.Value("q", 0)
     results = ctx.Queue()
+    ready = ctx.Barrier(processes + 1)
     threads = max(1, cfg.collectors // processes)
     procs = [
         ctx.Process(target=_process_main, name=f"collector-proc-{p}",
-                    args=(handle, cfg, list(range(p, cfg.env_num, processes)), threads, p + 1, progress, results))
+                    args=(handle, cfg, list(range(p, cfg.env_num, processes)), threads, p + 1, progress, results,
+                          ready))
         for p in range(processes)
     ]
-    start = time.perf_counter()
+    launched = time.perf_counter()
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + timeout_s
+    try:
+        ready.wait(timeout_s)  # every worker attached (a broken barrier: one died; reported below)
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
     gathered: List[CollectorResult] = []
     while len(gathered) < processes and time.monotonic() < deadline:
         if on_progress is not None:
@@ -394,4 +413,4 @@ def run_processes(
     missing = processes - len(gathered)
     if missing:
         total.errors.append(f"{missing} worker process(es) reported nothing (exit codes {[p.exitcode for p in procs]})")
-    return WorkloadResult(total, elapsed, gathered)
+    return WorkloadResult(total, elapsed, gathered, start - launched)
