@@ -103,7 +103,7 @@ class Settings:
         return cls(quick=False, micro_sizes=tuple(SIZES), calls={"8KiB": 3000, "96KiB": 3000, "1.27MiB": 800},
                    slots=200, xproc_calls=200, trace_steps=50, trace_sims=(25, 50), trace_threads=(1, 2, 4),
                    trace_processes=((1, 1), (1, 2), (2, 1)), trace_locks=("rw", "mutex"), trace_repeats=5,
-                   micro_repeats=2, alloc_ops=10_000, hitrate_steps=40)
+                   micro_repeats=3, alloc_ops=10_000, hitrate_steps=40)
 
 
 @dataclass
@@ -888,8 +888,8 @@ def hitrate_tasks(s: Settings) -> List[Task]:
 NOTES = [
     "Latency: perf_counter_ns around each call, p50/p99 of n calls after 50 warm-up calls, garbage collector "
     "off while timing, 1 torch intra-op thread; the timer's own overhead (meta.timer_overhead_us) is not subtracted.",
-    "Micro: in the full run every measurement (the floor too) is taken in two rounds, at the start and at the "
-    "end of the run; the lower p50 is kept (min of repeats, as timeit advises), all in p50_runs_us.",
+    "Micro: in the full run every measurement (the floor too) is taken in three rounds, at the start, the middle "
+    "and the end of the run; the lowest p50 is kept (min of repeats, as timeit advises), all in p50_runs_us.",
     "x floor = p50 / p50 of one copy_ of the same bytes into a preallocated tensor, measured in the same run; "
     "a get that returns a new entry is better compared with the clone row of the floor table.",
     "Trace, fairness: 'cache only' runs turn the workload's fill_entry / verify_entry / entry_writer into no-ops "
@@ -1321,15 +1321,21 @@ def write_plots(results: Dict[str, Any], out: Path) -> List[str]:
 
 
 def build_tasks(s: Settings, only: Sequence[str]) -> List[Task]:
-    """Every section's tasks in order; further micro rounds go last, so that a transient slowdown
-    of the machine cannot spoil every round of one measurement."""
+    """Every section's tasks in order; further micro rounds are spread over the rest of the run
+    (the last one at its end), so that a transient slowdown of the machine cannot spoil every
+    round of one measurement."""
     makers = {"micro": micro_tasks, "baselines": baseline_tasks, "trace": trace_tasks,
               "memory": memory_tasks, "hitrate": hitrate_tasks}
     tasks = [t for name in SECTIONS if name in only for t in makers[name](s)]
-    if "micro" in only:
-        for round_no in range(1, s.micro_repeats):
-            tasks += micro_tasks(s, round_no)
-    return tasks
+    if "micro" not in only or s.micro_repeats < 2:
+        return tasks
+    first = [t for t in tasks if t.section == "micro"]
+    rest = [t for t in tasks if t.section != "micro"]
+    out, rounds = list(first), s.micro_repeats - 1
+    for round_no in range(1, s.micro_repeats):
+        share = rest[(round_no - 1) * len(rest) // rounds: round_no * len(rest) // rounds]
+        out += share + micro_tasks(s, round_no)
+    return out
 
 
 def run_tasks(tasks: Sequence[Task], results: Dict[str, Any], show_progress: bool) -> None:

@@ -574,7 +574,7 @@ class KVCachePool:
             self._check_open()
             if self._spec is None:
                 self._format(spec)
-            elif spec != self._spec:  # another thread formatted the pool first
+            elif spec is not self._spec and spec != self._spec:  # another thread formatted it first
                 _, data, sizes = self._check_entry(kv_cache)
             return self._set_locked(key, data, sizes, prio)
         finally:
