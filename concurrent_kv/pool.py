@@ -214,9 +214,7 @@ class KVCachePool:
         self._fault: Optional[Callable[[str], None]] = None  # test hook: called at named points
         self._book = threading.Lock()
         self._inflight = 0  # this process's writes copying outside the lock (close waits for them)
-        # Shared pools copy new entries outside the exclusive lock (see _set_split); with a mutex
-        # every hold is exclusive anyway, so the extra lock rounds would buy nothing.
-        self._split_writes = shared and lock != "mutex"
+        self._split_writes = False  # set by _open_shared
         self._spec: Optional[EntrySpec] = None
         self._storage: Optional[SlotStorage] = None
         self._stats: Any = CacheStats()
@@ -307,6 +305,9 @@ class KVCachePool:
         self._storage = SlotStorage(spec, capacity, block=block, sizes=state.sizes)
         self._spec = spec
         self._lock = ProcessLock(meta.path, lock, self.name)
+        # Copy new entries outside the exclusive lock (see _set_split); with a mutex every hold
+        # is exclusive anyway, so the extra lock rounds would buy nothing.
+        self._split_writes = lock != "mutex"
         self._bind(state)
         self._claim_worker()
         _shared_pools.add(self)
@@ -357,7 +358,6 @@ class KVCachePool:
         pool._fault = None
         pool._book = threading.Lock()
         pool._inflight = 0
-        pool._split_writes = handle.lock != "mutex"
         pool._handle = handle
         pool._data_path = handle.data_path
         try:
@@ -670,33 +670,20 @@ class KVCachePool:
                 self._fault("writing")
             storage.write(slot, data, sizes)
         except BaseException:
-            self._abandon(slot)
+            self._end_split_write(slot)
             raise
-        return self._publish(key, slot, prio)
+        if not self._end_split_write(slot, key, prio):
+            raise ClosedError(f"pool {self.name!r} was closed during set")
+        return slot
 
-    def _abandon(self, slot: int) -> None:
-        """A split write failed before publishing: give its reserved slot back."""
+    def _end_split_write(self, slot: int, key: Optional[int] = None, prio: float = 0.0) -> bool:
+        """Under the exclusive lock, end a split write: publish ``slot`` as ``key``'s entry (newer
+        than any value stored meanwhile), or hand the slot back when there is no key (the copy
+        failed) or the pool was closed meanwhile (close() is waiting). Return whether it published."""
         try:
             held = self._acquire(True)
         except BaseException:
             with self._book:  # the slot stays pinned until this process closes or exits
-                self._inflight -= 1
-            raise
-        try:
-            with self._book:
-                self._pins.own[slot] -= 1
-                self._inflight -= 1
-                self._slot_state[slot] = FREE
-                self._free.append(slot)
-        finally:
-            held.release()
-
-    def _publish(self, key: int, slot: int, prio: float) -> int:
-        """Make a copied slot the entry of ``key`` (a newer value than any stored meanwhile)."""
-        try:
-            held = self._acquire(True)
-        except BaseException:
-            with self._book:
                 self._inflight -= 1
             raise
         try:
@@ -705,24 +692,24 @@ class KVCachePool:
             with self._book:
                 self._pins.own[slot] -= 1
                 self._inflight -= 1
-                if self._closed:  # close() is waiting for this write: hand the slot back
+                publish = key is not None and not self._closed
+                if key is not None and publish:
+                    old = self._index.get(key)
+                    if old is not None:  # another writer published this key while we copied
+                        self._drop(key, old)
+                        self._counters[UPDATES] += self._stats_on
+                    else:
+                        self._counters[INSERTS] += self._stats_on
+                    self._slot_key[slot] = key
+                    self._index[key] = slot
+                    self._slot_state[slot] = READY
+                    self._policy.insert(slot, prio)
+                    life[INSERTED] += 1
+                else:
                     self._slot_state[slot] = FREE
                     self._free.append(slot)
-                    life[DIRTY] = 0
-                    raise ClosedError(f"pool {self.name!r} was closed during set")
-                old = self._index.get(key)
-                if old is not None:  # another writer published this key while we copied
-                    self._drop(key, old)
-                    self._counters[UPDATES] += self._stats_on
-                else:
-                    self._counters[INSERTS] += self._stats_on
-                self._slot_key[slot] = key
-                self._index[key] = slot
-                self._slot_state[slot] = READY
-                self._policy.insert(slot, prio)
-                life[INSERTED] += 1
             life[DIRTY] = 0
-            return slot
+            return publish
         finally:
             held.release()
 
@@ -823,7 +810,8 @@ class KVCachePool:
     def _recover(self) -> None:
         """Rebuild index, free stack and eviction order from the per-slot truth after a process
         died halfway through a change (caller holds the exclusive lock). A slot that was being
-        written is dropped: a half-written entry is never served."""
+        written in place, or by a split writer now dead, is dropped: a half-written entry is never
+        served. A split write in flight (its slot pinned) is left to finish."""
         cap = self._capacity or 0
         states, keys, total = self._slot_state, self._slot_key, self._pins.total
         self._state.reap_dead_workers()
