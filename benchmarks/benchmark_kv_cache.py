@@ -60,7 +60,7 @@ from _common import SIZES, latency, manager_dict_ops, torch_queue  # noqa: E402
 from concurrent_kv import EntrySpec, KVCacheManager, KVCachePool  # noqa: E402
 from concurrent_kv import workload as wl  # noqa: E402
 from concurrent_kv.cli import ProgressBar, format_table  # noqa: E402
-from concurrent_kv.integrations.legacy import LegacyRingPool  # noqa: E402
+from concurrent_kv.testing.legacy import LegacyRingPool  # noqa: E402
 from concurrent_kv.workload import CollectorResult, WorkloadConfig, entry_key, make_manager  # noqa: E402
 
 SECTIONS = ("micro", "baselines", "trace", "memory", "hitrate")
