@@ -8,10 +8,10 @@ a world-model config carries many; fields it knows are validated.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Union
 
+from .checks import positive_int, positive_seconds
 from .entry import EntrySpec
 from .errors import ConfigError
 from .eviction import EvictionStrategy, resolve_policy
@@ -50,17 +50,14 @@ class ManagerConfig:
             value = getattr(self, name)
             if value is None and (name.endswith("_pool_size") or name in _SHAPE_FIELDS):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config.{name} must be a positive int, got {value!r}")
+            positive_int(f"config.{name}", value)
         for name in ("init_eviction_strategy", "recur_eviction_strategy", "wm_eviction_strategy"):
             resolve_policy(getattr(self, name))  # raises ConfigError on an unknown name
         if self.num_heads and self.embed_dim and self.embed_dim % self.num_heads:
             raise ConfigError(f"config.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.lock not in LOCK_KINDS:
             raise ConfigError(f"config.lock must be one of {LOCK_KINDS}, got {self.lock!r}")
-        t = self.lock_timeout
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ConfigError(f"config.lock_timeout must be a positive number of seconds, got {t!r}")
+        positive_seconds("config.lock_timeout", self.lock_timeout)
 
     @classmethod
     def from_any(cls, config: Any) -> "ManagerConfig":
@@ -83,10 +80,7 @@ class ManagerConfig:
 
     def entry_spec(self) -> Optional[EntrySpec]:
         """UniZero's entry shape from the config (n=1, float32, CPU), if all four fields are set."""
-        if None in (self.num_layers, self.num_heads, self.embed_dim, self.context_length):
-            return None
-        assert self.num_layers and self.num_heads and self.embed_dim and self.context_length
-        return EntrySpec(self.num_layers, 1, self.num_heads, self.context_length, self.embed_dim // self.num_heads)
+        return EntrySpec.for_transformer(self)
 
     def init_size(self) -> int:
         if self.init_pool_size is not None:

@@ -19,6 +19,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .checks import positive_int
 from .errors import EntryMismatchError, InvalidEntryError
 
 __all__ = ["Cache", "KVCache", "KeysValues", "EntrySpec", "entry_tensors"]
@@ -306,9 +307,7 @@ class EntrySpec:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_samples", "num_heads", "max_tokens", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise EntryMismatchError(f"EntrySpec.{name} must be a positive int, got {value!r}")
+            positive_int(f"EntrySpec.{name}", getattr(self, name), EntryMismatchError)
         if not isinstance(self.dtype, torch.dtype):
             raise EntryMismatchError(f"EntrySpec.dtype must be a torch.dtype, got {self.dtype!r}")
         if isinstance(self.device, bool) or not isinstance(self.device, (str, int, torch.device)):
@@ -331,6 +330,19 @@ class EntrySpec:
             raise EntryMismatchError(f"cache tensors must be 4-D (n, heads, tokens, head_dim), got {tuple(first.shape)}")
         n, heads, tokens, head_dim = first.shape
         return cls(len(tensors) // 2, n, heads, tokens, head_dim, first.dtype, first.device)
+
+    @classmethod
+    def for_transformer(cls, config: Any, device: Any = "cpu") -> Optional["EntrySpec"]:
+        """UniZero's entry shape from a transformer config (an object or a dict with
+        ``num_layers``, ``num_heads``, ``embed_dim`` and ``context_length``): one sample, float32,
+        ``head_dim = embed_dim // num_heads``. None when a field is missing or None."""
+        def read(name: str) -> Any:
+            return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+        layers, heads, embed, context = (read(f) for f in ("num_layers", "num_heads", "embed_dim", "context_length"))
+        if layers is None or heads is None or embed is None or context is None:
+            return None
+        return cls(layers, 1, heads, context, embed // heads, device=device)
 
     @property
     def layer_shape(self) -> Tuple[int, int, int, int]:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Type, Union
 
 import numpy as np
 
+from .cells import ArrayFactory, Cells, list_arrays
 from .errors import ConfigError, InvalidPriorityError
 
 __all__ = [
@@ -34,17 +35,6 @@ __all__ = [
     "check_priority",
     "Cells",
 ]
-
-#: A fixed-length array of ints or floats indexed from Python: a list, or a ``memoryview`` cast
-#: over shared memory (typeshed does not see the latter as a MutableSequence).
-Cells = Any
-#: ``factory(length, fill, kind)`` returns a mutable int ("i") or float ("f") array.
-ArrayFactory = Callable[[int, Union[int, float], str], Cells]
-
-
-def list_arrays(length: int, fill: Union[int, float], kind: str) -> Cells:
-    """The in-process array factory: plain lists index fastest from Python."""
-    return [fill] * length
 
 
 class EvictionStrategy(str, Enum):

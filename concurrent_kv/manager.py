@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from dataclasses import dataclass
 
+from .checks import boolean, instance_of, positive_int
 from .config import ManagerConfig
 from .entry import EntrySpec
 from .errors import ClosedError, ConfigError, EnvIdError
@@ -51,26 +52,19 @@ class KVCacheManager:
         shared: bool = False,
         entry_spec: Optional[EntrySpec] = None,
     ) -> None:
-        if isinstance(env_num, bool) or not isinstance(env_num, int) or env_num <= 0:
-            raise ConfigError(f"env_num must be a positive int, got {env_num!r}")
-        if not isinstance(enable_stats, bool):
-            raise ConfigError(f"enable_stats must be a bool, got {enable_stats!r}")
-        if not isinstance(shared, bool):
-            raise ConfigError(f"shared must be a bool, got {shared!r}")
-        if entry_spec is not None and not isinstance(entry_spec, EntrySpec):
-            raise ConfigError(f"entry_spec must be an EntrySpec, got {type(entry_spec).__name__}")
-        self.config = cfg = ManagerConfig.from_any(config)
-        self.env_num = env_num
-        self.enable_stats = enable_stats
-        self.shared = shared
-        self._closed = False
+        positive_int("env_num", env_num)
+        boolean("enable_stats", enable_stats)
+        boolean("shared", shared)
+        if entry_spec is not None:
+            instance_of("entry_spec", entry_spec, EntrySpec)
+        cfg = ManagerConfig.from_any(config)
         spec = entry_spec if entry_spec is not None else cfg.entry_spec()
         if shared and spec is None:
             raise ConfigError(
                 "a shared manager needs the entry shape: pass entry_spec=, or num_layers, num_heads, "
                 "embed_dim and context_length in the config"
             )
-        plan = self._pool_plan()
+        plan = self._pool_plan(cfg, env_num)
         for size, _, name in plan:  # before allocating anything
             if size > MAX_SLOTS:
                 raise ConfigError(f"pool {name} would have {size:,} slots; a pool holds at most {MAX_SLOTS:,}")
@@ -85,16 +79,24 @@ class KVCacheManager:
             for p in pools:  # never leave half a manager's segments behind
                 p.close()
             raise
-        self._adopt(pools)
+        self._assemble(cfg, env_num, enable_stats, shared, pools)
 
-    def _pool_plan(self) -> List[Any]:
-        cfg, n = self.config, self.env_num
+    @staticmethod
+    def _pool_plan(cfg: ManagerConfig, n: int) -> List[Tuple[int, Any, str]]:
+        """(slots, eviction strategy, name) of every pool: init pools in env order, recur, wm."""
         plan = [(cfg.init_size(), cfg.init_eviction_strategy, f"init_env{e}") for e in range(n)]
         plan.append((cfg.recur_size(n), cfg.recur_eviction_strategy, "recurrent"))
         plan.append((cfg.wm_size(n), cfg.wm_eviction_strategy, "world_model"))
         return plan
 
-    def _adopt(self, pools: List[KVCachePool]) -> None:
+    def _assemble(self, config: ManagerConfig, env_num: int, enable_stats: bool, shared: bool,
+                  pools: List[KVCachePool]) -> None:
+        """The one assembly step of ``__init__`` and :meth:`attach`."""
+        self.config = config
+        self.env_num = env_num
+        self.enable_stats = enable_stats
+        self.shared = shared
+        self._closed = False
         self.init_pools: List[KVCachePool] = pools[: self.env_num]
         self.recur_pool = pools[self.env_num]
         self.wm_pool = pools[self.env_num + 1]
@@ -117,12 +119,6 @@ class KVCacheManager:
         """The shared manager behind ``handle``, with the same API, in this process."""
         if not isinstance(handle, ManagerHandle):
             raise AttachError(f"attach expects a ManagerHandle, got {type(handle).__name__}")
-        manager = cls.__new__(cls)
-        manager.config = handle.config
-        manager.env_num = handle.env_num
-        manager.enable_stats = handle.enable_stats
-        manager.shared = True
-        manager._closed = False
         pools: List[KVCachePool] = []
         try:
             for h in handle.pools:
@@ -131,7 +127,8 @@ class KVCacheManager:
             for p in pools:
                 p.close()
             raise
-        manager._adopt(pools)
+        manager = cls.__new__(cls)
+        manager._assemble(handle.config, handle.env_num, handle.enable_stats, True, pools)
         return manager
 
     # -- routing -------------------------------------------------------------------------

@@ -1,64 +1,51 @@
-"""``KVCachePool``: a fixed number of preallocated slots behind a key index.
+"""``KVCachePool``: a fixed number of preallocated slots behind a key index, safe under threads
+and worker processes.
 
-A pool is handed its pieces and only orchestrates them: metadata (:mod:`concurrent_kv.state`:
-the key index, per-slot arrays, free stack, pins, counters, the eviction policy), slot storage
-(:mod:`concurrent_kv.storage`), a lock (:mod:`concurrent_kv.locks`). With ``shared=True`` the
-same code runs over shared memory, and worker processes attach by handle.
+The pool validates calls, takes locks and copies data; it delegates the rest to its pieces:
+metadata (:mod:`concurrent_kv.state`), the slot lifecycle (:mod:`concurrent_kv.slots`), slot
+storage (:mod:`concurrent_kv.storage`), a lock (:mod:`concurrent_kv.locks`) and, for
+``shared=True``, the shared-memory set-up (:mod:`concurrent_kv.shared`), through which worker
+processes attach by handle. ``__init__`` and :meth:`attach` assemble the pieces the same way.
 
 Locking, in two levels:
 
 * the **pool lock** (reader-writer by default) guards slot *contents* and the index: ``get``
   copies out under a shared hold, so readers copy in parallel; ``set``/``delete``/``clear`` hold
   it exclusively, including the copy in, so no reader sees a half-written entry. Shared pools
-  add ``flock`` across processes (released by the kernel if a holder dies);
-* the **bookkeeping lock** (a ``threading.Lock`` held for a few list operations) guards what
+  add ``flock`` across processes (released by the kernel if a holder dies), and copy a new key's
+  entry outside the lock into a slot reserved for it (a *split write*);
+* the **metadata lock** (a ``threading.Lock`` held for a few list operations) guards what
   readers and lease exits change under a shared hold: counters, LRU recency, pin counts.
 
 Leases pin a slot: a pinned slot is never evicted nor overwritten. Rewriting a leased key writes
-the new value to another slot; deleting or clearing it *retires* the slot, which is reused once
-its pins are gone.
+the new value to another slot; deleting or clearing it *retires* the slot, which the next writer
+reuses once its pins are gone.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
-import weakref
-from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple, Type, Union
 
-import torch
-
+from . import shared as shared_memory
+from .cells import Cells
+from .checks import boolean, instance_of, positive_int, positive_seconds
 from .entry import EntrySpec, KeysValues
-from .errors import ClosedError, ConfigError, EntryMismatchError, InvariantError, PoolExhaustedError
+from .errors import ClosedError, ConfigError, EntryMismatchError, PoolExhaustedError
 from .eviction import EvictionPolicy, EvictionStrategy, check_priority, resolve_policy
 from .keys import check_key
-from .locks import LOCK_KINDS, PoolLock, ProcessLock, make_lock
-from .shm import AttachError, Segment
-from .state import (
-    DIRTY,
-    EVICTED,
-    FREE,
-    INSERTED,
-    LAST_REAP_NS,
-    READY,
-    REMOVED,
-    RETIRED,
-    RETIRED_COUNT,
-    WRITING,
-    LocalState,
-    SharedState,
-)
-from .stats import EVICTIONS, HITS, INSERTS, MISSES, UPDATES, CacheStats, StatsSnapshot
+from .locks import LOCK_KINDS, PoolLock, Releasable, make_lock
+from .shared import PoolHandle, SharedParts
+from .slots import Occupancy, SlotTable
+from .state import LocalState, PoolState
+from .stats import HITS, MISSES, CacheStats, StatsSnapshot
 from .storage import SlotStorage
 
-__all__ = ["KVCachePool", "Lease", "PoolHandle", "Occupancy"]
+__all__ = ["KVCachePool", "Lease", "PoolHandle", "Occupancy", "MAX_SLOTS"]
 
 StrategyLike = Union[EvictionStrategy, str, Type[EvictionPolicy]]
-#: How often a writer of a shared pool looks for dead workers whose pins must be reclaimed.
-REAP_INTERVAL_NS = 250_000_000
 #: The most slots a pool may have. UniZero needs thousands; metadata is allocated up front, so
 #: an absurd size must fail here with a clear error, not exhaust the machine's memory.
 MAX_SLOTS = 1 << 22
@@ -68,72 +55,6 @@ def _check_capacity(capacity: int, what: str) -> int:
     if capacity > MAX_SLOTS:
         raise ConfigError(f"{what} gives {capacity:,} slots; a pool holds at most {MAX_SLOTS:,}")
     return capacity
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number of seconds, got {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class PoolHandle:
-    """What a worker process needs to attach to a shared pool: names and layout, no data."""
-
-    name: str
-    meta_path: str
-    data_path: str
-    capacity: int
-    policy: str
-    spec: Tuple[int, int, int, int, int, str]  # layers, n, heads, max_tokens, head_dim, dtype
-    max_workers: int
-    lock: str
-    lock_timeout: float
-    enable_stats: bool
-
-    def entry_spec(self) -> EntrySpec:
-        layers, n, heads, tokens, head_dim, dtype = self.spec
-        return EntrySpec(layers, n, heads, tokens, head_dim, dtype=getattr(torch, dtype.replace("torch.", "")))
-
-
-@dataclass(frozen=True)
-class Occupancy:
-    """How a pool's slots are used at one instant (see :meth:`KVCachePool.occupancy`)."""
-
-    capacity: int
-    live: int  # slots holding an entry
-    free: int  # slots ready for reuse
-    retired: int  # slots whose entry was removed while leased, reused once unpinned
-    pinned: int  # slots with at least one lease
-    pins: int  # leases held, over all processes
-
-
-def _map_block(path: str, capacity: int, spec: EntrySpec) -> torch.Tensor:
-    """The slot tensor over a data segment, in torch shared memory (``from_file``, MAP_SHARED)."""
-    itemsize = torch.empty((), dtype=spec.dtype).element_size()
-    per_slot = 1
-    for d in spec.block_shape:
-        per_slot *= d
-    skip = 64 // itemsize  # the segment header
-    flat = torch.from_file(path, shared=True, size=skip + capacity * per_slot, dtype=spec.dtype)
-    return flat[skip:].view(capacity, *spec.block_shape)
-
-
-_shared_pools: "weakref.WeakSet[KVCachePool]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_shared_pools):
-        pool._after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Lease:
@@ -171,6 +92,9 @@ class KVCachePool:
     metadata in shared memory (``entry_spec`` required); see :meth:`handle` and :meth:`attach`.
     """
 
+    _state: PoolState
+    _slots: SlotTable
+
     def __init__(
         self,
         pool_size: Optional[int] = None,
@@ -188,39 +112,18 @@ class KVCachePool:
         if (pool_size is None) == (max_bytes is None):
             raise ConfigError("give exactly one of pool_size (slots) or max_bytes")
         if pool_size is not None:
-            _check_capacity(_positive_int("pool_size", pool_size), "pool_size")
+            _check_capacity(positive_int("pool_size", pool_size), "pool_size")
         if max_bytes is not None:
-            _positive_int("max_bytes", max_bytes)
-        if not isinstance(enable_stats, bool):
-            raise ConfigError(f"enable_stats must be a bool, got {enable_stats!r}")
-        if not isinstance(name, str):
-            raise ConfigError(f"name must be a str, got {type(name).__name__}")
-        if entry_spec is not None and not isinstance(entry_spec, EntrySpec):
-            raise ConfigError(f"entry_spec must be an EntrySpec, got {type(entry_spec).__name__}")
-        if not isinstance(shared, bool):
-            raise ConfigError(f"shared must be a bool, got {shared!r}")
-        _positive_int("max_workers", max_workers)
-        self._policy_cls = resolve_policy(eviction_strategy)
-        self.eviction_strategy = eviction_strategy
-        self.name = name
-        self._timeout = _positive_float("lock_timeout", lock_timeout)
-        self._stats_on = enable_stats
-        self._max_bytes = max_bytes
-        self._capacity: Optional[int] = pool_size
-        self._closed = False
-        self._shared = shared
-        self._owner = True
-        self._pid = os.getpid()
-        self._fault: Optional[Callable[[str], None]] = None  # test hook: called at named points
-        self._book = threading.Lock()
-        self._inflight = 0  # this process's writes copying outside the lock (close waits for them)
-        self._split_writes = False  # set by _open_shared
-        self._spec: Optional[EntrySpec] = None
-        self._storage: Optional[SlotStorage] = None
-        self._stats: Any = CacheStats()
-        self._read_books = enable_stats
-        self._touch_on_read = False
-        self._index: Any = {}
+            positive_int("max_bytes", max_bytes)
+        boolean("enable_stats", enable_stats)
+        instance_of("name", name, str)
+        if entry_spec is not None:
+            instance_of("entry_spec", entry_spec, EntrySpec)
+        boolean("shared", shared)
+        positive_int("max_workers", max_workers)
+        policy_cls = resolve_policy(eviction_strategy)
+        timeout = positive_seconds("lock_timeout", lock_timeout)
+        self._configure(name, eviction_strategy, policy_cls, enable_stats, timeout, pool_size, max_bytes)
         if shared:
             if entry_spec is None:
                 raise ConfigError("a shared pool needs entry_spec (its slots are laid out before any entry)")
@@ -228,43 +131,111 @@ class KVCachePool:
                 raise ConfigError("a shared pool keeps its slots in host shared memory: entry_spec.device must be cpu")
             if not isinstance(lock, str) or lock not in LOCK_KINDS:
                 raise ConfigError(f"a shared pool's lock must be one of {LOCK_KINDS}, got {lock!r}")
-            self._create_shared(entry_spec, lock, max_workers)
+            capacity = self._capacity_for(entry_spec)
+            self._adopt_shared(shared_memory.create(
+                name, capacity, policy_cls, entry_spec, lock, max_workers, timeout, enable_stats))
             return
-        self._lock: Any = make_lock(lock, name)
+        self._lock = make_lock(lock, name)
         if pool_size is not None:
-            self._bind(LocalState(pool_size, self._policy_cls))
+            self._adopt_state(LocalState(pool_size, policy_cls))
         if entry_spec is not None:
-            self._format(entry_spec)
+            self._allocate_storage(entry_spec)
 
-    # -- set-up ---------------------------------------------------------------------------
+    @classmethod
+    def attach(cls, handle: PoolHandle) -> "KVCachePool":
+        """The shared pool behind ``handle``, with the same API, in this process."""
+        parts = shared_memory.attach(handle)
+        pool = cls.__new__(cls)
+        try:
+            pool._configure(handle.name, handle.policy, resolve_policy(handle.policy), handle.enable_stats,
+                            handle.lock_timeout, handle.capacity, None)
+            pool._adopt_shared(parts)
+        except BaseException:
+            parts.close()
+            raise
+        return pool
 
-    def _bind(self, state: Any) -> None:
-        """Alias the metadata structures (attribute lookups are the hot path's main cost)."""
+    # -- assembly (one path for __init__ and attach) ----------------------------------------
+
+    def _configure(self, name: str, strategy: StrategyLike, policy_cls: Type[EvictionPolicy], enable_stats: bool,
+                   timeout: float, capacity: Optional[int], max_bytes: Optional[int]) -> None:
+        self.name = name
+        self.eviction_strategy = strategy
+        self._policy_cls = policy_cls
+        self._stats_on = enable_stats
+        self._timeout = timeout
+        self._capacity: Optional[int] = capacity  # None until the first entry when sized by max_bytes
+        self._max_bytes = max_bytes
+        self._closed = False
+        self._pid = os.getpid()
+        self._fault: Optional[Callable[[str], None]] = None  # test hook: called at named points
+        self._meta_lock = threading.Lock()
+        self._inflight = 0  # this process's split writes copying outside the lock (close waits)
+        self._parts: Optional[SharedParts] = None
+        self._shared = False
+        self._split_writes = False
+        self._spec: Optional[EntrySpec] = None
+        self._storage: Optional[SlotStorage] = None
+        # Until the pool is sized: no slots, so every lookup is a miss counted here.
+        self._index: Any = {}
+        self._stats: CacheStats = CacheStats()
+        self._counters: Cells = self._stats.counters
+        self._reads_record = enable_stats  # whether a read must take the metadata lock
+        self._touch_on_read = False
+        self._read_exclusive = False
+
+    def _adopt_state(self, state: PoolState) -> None:
+        """Use ``state`` as the pool's metadata. The hot paths read a few of its structures
+        through attributes of the pool (each lookup saved is ~40 ns on a ~2 us call)."""
         self._state = state
         self._capacity = state.capacity
+        self._slots = SlotTable(state, self.name, self._stats_on, self._pid)
         self._index = state.index
-        self._slot_key = state.slot_key
-        self._slot_state = state.slot_state
-        self._free = state.free
-        self._life = state.life
         self._policy = state.policy
-        if getattr(state, "pins", None) is not None:
-            self._pins = state.pins
-            self._stats = state.stats
-            self._counters = state.stats.counters
         # Shared LRU reads reorder links other processes read: they take the lock exclusively.
         self._read_exclusive = state.shared and self._policy.reads_mutate
         self._touch_on_read = self._policy.reads_mutate
-        self._read_books = self._stats_on or self._touch_on_read
+        self._reads_record = self._stats_on or self._touch_on_read
+        if not state.shared:
+            self._adopt_worker_row()
 
-    def _format(self, spec: EntrySpec) -> None:
-        """Allocate slot storage for entries of ``spec`` (once)."""
+    def _adopt_worker_row(self) -> None:
+        """Point the hot paths at this process's pin and counter rows (after joining a shared pool)."""
+        self._stats = self._state.stats
+        self._counters = self._stats.counters
+        self._own_pins = self._state.pins.own
+
+    def _adopt_shared(self, parts: SharedParts) -> None:
+        self._parts = parts
+        self._shared = True
+        self._storage = parts.storage
+        self._spec = parts.storage.spec
+        self._lock = parts.lock
+        # Copy new entries outside the exclusive lock (see _set_split); with a mutex every hold
+        # is exclusive anyway, so the extra lock rounds would buy nothing.
+        self._split_writes = parts.handle.lock != "mutex"
+        self._adopt_state(parts.state)
+        self._join()
+        shared_memory.track_forks(self)
+
+    def _join(self) -> None:
+        assert self._parts is not None
+        shared_memory.join(self._parts, self._slots, self._timeout)
+        self._adopt_worker_row()
+
+    def _capacity_for(self, spec: EntrySpec) -> int:
+        if self._capacity is not None:
+            return self._capacity
+        assert self._max_bytes is not None
+        capacity = _check_capacity(self._max_bytes // spec.nbytes, "max_bytes")
+        if capacity == 0:
+            raise EntryMismatchError(f"one entry takes {spec.nbytes} bytes, more than max_bytes={self._max_bytes}")
+        return capacity
+
+    def _allocate_storage(self, spec: EntrySpec) -> None:
+        """Allocate a local pool's slot storage for entries of ``spec`` (once)."""
         if self._capacity is None:
-            assert self._max_bytes is not None
-            capacity = _check_capacity(self._max_bytes // spec.nbytes, "max_bytes")
-            if capacity == 0:
-                raise EntryMismatchError(f"one entry takes {spec.nbytes} bytes, more than max_bytes={self._max_bytes}")
-            self._bind(LocalState(capacity, self._policy_cls))
+            self._adopt_state(LocalState(self._capacity_for(spec), self._policy_cls))
         assert self._capacity is not None
         try:
             self._storage = SlotStorage(spec, self._capacity)
@@ -274,110 +245,24 @@ class KVCachePool:
             ) from None
         self._spec = spec
 
-    def _create_shared(self, spec: EntrySpec, lock: str, max_workers: int) -> None:
-        capacity = self._capacity if self._capacity is not None else (self._max_bytes or 0) // spec.nbytes
-        _check_capacity(capacity, "max_bytes")
-        if capacity == 0:
-            raise EntryMismatchError(f"one entry takes {spec.nbytes} bytes, more than max_bytes={self._max_bytes}")
-        policy = self._policy_cls.name
-        data = Segment.create(self.name + ".data", capacity * spec.nbytes, SharedState.data_digest(capacity, spec))
-        try:
-            meta = Segment.create(
-                self.name, SharedState.payload_bytes(capacity, spec, max_workers),
-                SharedState.digest(capacity, policy, spec, max_workers),
-            )
-        except BaseException:
-            data.close()
-            raise
-        data.close(unlink=False)  # validated and reserved; torch maps it from here on
-        self._data_path = data.path
-        self._handle = PoolHandle(
-            self.name, meta.path, data.path, capacity, policy,
-            (spec.num_layers, spec.num_samples, spec.num_heads, spec.max_tokens, spec.head_dim, str(spec.dtype)),
-            max_workers, lock, self._timeout, self._stats_on,
-        )
-        self._open_shared(meta, spec, capacity, lock, max_workers, create=True)
-
-    def _open_shared(self, meta: Segment, spec: EntrySpec, capacity: int, lock: str, max_workers: int,
-                     create: bool) -> None:
-        state = SharedState(meta, capacity, self._policy_cls, spec, max_workers, create)
-        block = _map_block(self._handle.data_path, capacity, spec)
-        self._storage = SlotStorage(spec, capacity, block=block, sizes=state.sizes)
-        self._spec = spec
-        self._lock = ProcessLock(meta.path, lock, self.name)
-        # Copy new entries outside the exclusive lock (see _set_split); with a mutex every hold
-        # is exclusive anyway, so the extra lock rounds would buy nothing.
-        self._split_writes = lock != "mutex"
-        self._bind(state)
-        self._claim_worker()
-        _shared_pools.add(self)
-
-    def _claim_worker(self) -> None:
-        held = self._lock.acquire_write(self._timeout)
-        try:
-            took_over_dead = self._state.claim_worker()
-            self._bind(self._state)
-            if took_over_dead:  # its pins were just dropped: reclaim the slots they held
-                self._sweep_retired()
-        finally:
-            held.release()
+    def _after_fork(self) -> None:
+        """In a forked child: own locks and descriptor, and a worker row of its own, claimed on
+        first use (a child that never touches the pool takes none)."""
+        if self._closed:
+            return
+        self._pid = self._slots.pid = os.getpid()
+        self._meta_lock = threading.Lock()
+        self._inflight = 0
+        assert self._parts is not None
+        self._parts.lock.reopen_after_fork()
+        self._parts.state.worker = None
 
     def handle(self) -> PoolHandle:
         """A small picklable handle for :meth:`attach` in another process (shared pools only)."""
-        self._check_open()
-        if not self._shared:
+        self._start_call()
+        if self._parts is None:
             raise ConfigError(f"pool {self.name!r} is not shared: create it with shared=True to hand it to workers")
-        return self._handle
-
-    @classmethod
-    def attach(cls, handle: PoolHandle) -> "KVCachePool":
-        """The shared pool behind ``handle``, with the same API, in this process."""
-        if not isinstance(handle, PoolHandle):
-            raise AttachError(f"attach expects a PoolHandle, got {type(handle).__name__}")
-        spec = handle.entry_spec()
-        data = Segment.attach(handle.data_path, handle.capacity * spec.nbytes, SharedState.data_digest(handle.capacity, spec))
-        data.close()
-        policy_cls = resolve_policy(handle.policy)
-        meta = Segment.attach(
-            handle.meta_path,
-            SharedState.payload_bytes(handle.capacity, spec, handle.max_workers),
-            SharedState.digest(handle.capacity, policy_cls.name, spec, handle.max_workers),
-        )
-        pool = cls.__new__(cls)
-        pool._policy_cls = policy_cls
-        pool.eviction_strategy = handle.policy
-        pool.name = handle.name
-        pool._timeout = handle.lock_timeout
-        pool._stats_on = handle.enable_stats
-        pool._max_bytes = None
-        pool._capacity = handle.capacity
-        pool._closed = False
-        pool._shared = True
-        pool._owner = False
-        pool._pid = os.getpid()
-        pool._fault = None
-        pool._book = threading.Lock()
-        pool._inflight = 0
-        pool._handle = handle
-        pool._data_path = handle.data_path
-        try:
-            pool._open_shared(meta, spec, handle.capacity, handle.lock, handle.max_workers, create=False)
-        except BaseException:
-            meta.close()
-            raise
-        return pool
-
-    def _after_fork(self) -> None:
-        """In a forked child: own locks and descriptor, a worker row of its own (claimed on first
-        use), and never the owner of the segments."""
-        if self._closed:
-            return
-        self._owner = False
-        self._pid = os.getpid()
-        self._book = threading.Lock()
-        self._inflight = 0
-        self._lock.reopen_after_fork()
-        self._state.worker = None
+        return self._parts.handle
 
     # -- properties ----------------------------------------------------------------------
 
@@ -413,36 +298,38 @@ class KVCachePool:
 
     def stats_snapshot(self) -> StatsSnapshot:
         """An immutable, consistent copy of the counters (summed over processes when shared)."""
-        with self._book:
+        with self._meta_lock:
             return self._stats.snapshot()
 
     def reset_stats(self) -> None:
         """Zero the counters (entries are kept)."""
-        self._check_open()
-        with self._book:
+        self._start_call()
+        with self._meta_lock:
             self._stats.reset()
 
-    # -- locking -------------------------------------------------------------------------
+    # -- calls and locking -----------------------------------------------------------------
 
-    def _acquire(self, write: bool) -> Any:
+    def _start_call(self) -> None:
+        """Every public call begins here: refuse a closed pool; in a process forked from one
+        that used the pool, join it (claim a worker row) before the first call goes on."""
+        if self._closed:
+            raise ClosedError(f"pool {self.name!r} is closed")
+        if self._parts is not None and self._parts.state.worker is None:
+            self._join()
+
+    def _acquire(self, write: bool) -> Releasable:
         held = self._lock.acquire_write(self._timeout) if write else self._lock.acquire_read(self._timeout)
-        if self._shared and self._life[DIRTY]:
+        if self._shared and self._slots.dirty:
             # A process died halfway through changing the pool: repair it, then start over.
             held.release()
             held = self._lock.acquire_write(self._timeout)
             try:
-                if self._life[DIRTY]:
-                    self._recover()
+                if self._slots.dirty:
+                    self._slots.rebuild()
             finally:
                 held.release()
             return self._acquire(write)
         return held
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError(f"pool {self.name!r} is closed")
-        if self._shared and self._state.worker is None:
-            self._claim_worker()  # first use in a forked child
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -453,7 +340,7 @@ class KVCachePool:
         returned, so steady-state reads allocate no tensor.
         """
         key = check_key(cache_key)
-        self._check_open()
+        self._start_call()
         if out is not None:
             self._check_out(out)
         if self._capacity is None:
@@ -462,8 +349,8 @@ class KVCachePool:
         held = self._acquire(self._read_exclusive)
         try:
             slot = self._index.get(key)
-            if self._read_books:
-                with self._book:
+            if self._reads_record:
+                with self._meta_lock:
                     if slot is None:
                         self._counters[MISSES] += self._stats_on
                         return None
@@ -479,8 +366,8 @@ class KVCachePool:
 
     def _miss_while_unsized(self) -> None:
         """A lookup in a pool sized by ``max_bytes`` that has no entry yet (no slots at all)."""
-        with self._book:
-            self._stats.counters[MISSES] += self._stats_on
+        with self._meta_lock:
+            self._counters[MISSES] += self._stats_on
 
     def lease(self, cache_key: int) -> Lease:
         """``with pool.lease(key) as kv:`` a zero-copy view, pinned until the block exits.
@@ -489,7 +376,7 @@ class KVCachePool:
         ``set`` of the same key stores the new value in another slot.
         """
         key = check_key(cache_key)
-        self._check_open()
+        self._start_call()
         return Lease(self, key)
 
     def _pin(self, key: int) -> int:
@@ -501,14 +388,14 @@ class KVCachePool:
         held = self._acquire(self._read_exclusive)
         try:
             slot = self._index.get(key)
-            with self._book:
+            with self._meta_lock:
                 if slot is None:
                     self._counters[MISSES] += self._stats_on
                     return -1
                 self._counters[HITS] += self._stats_on
                 if self._touch_on_read:
                     self._policy.touch(slot)
-                self._pins.own[slot] += 1
+                self._own_pins[slot] += 1
                 return slot
         finally:
             held.release()
@@ -519,12 +406,12 @@ class KVCachePool:
 
     def _unpin(self, slot: int) -> None:
         # Only this process's pin row changes; a retired slot is reclaimed by the next writer.
-        with self._book:
-            self._pins.own[slot] -= 1
+        with self._meta_lock:
+            self._own_pins[slot] -= 1
 
     def __contains__(self, cache_key: object) -> bool:
         key = check_key(cache_key)
-        self._check_open()
+        self._start_call()
         return self._index.get(key) is not None
 
     def __len__(self) -> int:
@@ -532,7 +419,7 @@ class KVCachePool:
 
     def keys(self) -> List[int]:
         """The keys stored now (a snapshot)."""
-        self._check_open()
+        self._start_call()
         if self._capacity is None:
             return []
         held = self._acquire(False)
@@ -565,99 +452,81 @@ class KVCachePool:
         """
         key = check_key(cache_key)
         prio = 0.0 if priority is None else check_priority(priority)
-        self._check_open()
+        self._start_call()
         spec, data, sizes = self._check_entry(kv_cache)
-        if self._split_writes and self._spec is not None:
+        if self._split_writes:
             return self._set_split(key, data, sizes, prio)
         held = self._acquire(True)
         try:
-            self._check_open()
+            self._check_not_closed("set")
             if self._spec is None:
-                self._format(spec)
-            elif spec is not self._spec and spec != self._spec:  # another thread formatted it first
+                self._allocate_storage(spec)
+            elif spec is not self._spec and spec != self._spec:  # another thread allocated it first
                 _, data, sizes = self._check_entry(kv_cache)
             return self._set_locked(key, data, sizes, prio)
         finally:
             held.release()
 
+    def _check_not_closed(self, during: str) -> None:
+        if self._closed:
+            raise ClosedError(f"pool {self.name!r} was closed during {during}")
+
     def _set_locked(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float) -> int:
-        life, states = self._life, self._slot_state
+        """Store under the exclusive lock: rewrite the key's slot in place, or fill another."""
+        slots, storage = self._slots, self._storage
+        assert storage is not None
         old = self._index.get(key)
-        life[DIRTY] = self._pid  # from here until the end, a crash leaves work for _recover
-        try:
-            with self._book:
-                in_place = old is not None and not self._pins[old]
+        with slots.changing:
+            with self._meta_lock:
                 # A lease in another process may end right now (unpins take no pool lock), so
-                # the old slot must not become the victim: it is retired below instead.
-                slot = old if in_place else self._take_slot(keep=old)
-            assert self._storage is not None and slot is not None
-            states[slot] = WRITING
-            if not in_place:
-                self._slot_key[slot] = key
+                # a leased old slot must not become the victim: it is retired by publish instead.
+                in_place = old is not None and not self._state.pins.total(old)
+                slot = old if in_place and old is not None else slots.take(keep=old)
+            slots.writing(slot, key)
             if self._fault is not None:
                 self._fault("writing")
             try:
-                self._storage.write(slot, data, sizes)
+                storage.write(slot, data, sizes)
             except BaseException:
-                with self._book:
+                with self._meta_lock:
                     if in_place:
-                        self._drop(key, slot)  # never serve a half-written entry; frees the slot
+                        slots.drop(key, slot)  # never serve a half-written entry; frees the slot
                     else:
-                        states[slot] = FREE
-                        self._free.append(slot)
+                        slots.release(slot)
                 raise
-            with self._book:
+            with self._meta_lock:
                 if in_place:
-                    states[slot] = READY
-                    self._policy.update(slot, prio)
-                    self._counters[UPDATES] += self._stats_on
-                    return slot
-                if old is not None:  # the old value is leased: retire its slot
-                    self._drop(key, old)
-                    self._counters[UPDATES] += self._stats_on
+                    slots.republish(slot, prio)
                 else:
-                    self._counters[INSERTS] += self._stats_on
-                self._index[key] = slot
-                states[slot] = READY
-                self._policy.insert(slot, prio)
-                life[INSERTED] += 1
-                return slot
-        finally:
-            life[DIRTY] = 0
+                    slots.publish(key, slot, prio)
+            return slot
 
     def _set_split(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float) -> int:
         """``set`` of a new key in three steps, so that other processes read and write while
         this one copies: reserve a slot (exclusive lock), copy into it (no lock), publish it
         (exclusive lock). A rewrite of a stored key is done in place under the lock instead.
 
-        The reserved slot is WRITING and pinned in this process's row: no one else serves,
-        evicts or frees it. If this process dies mid-copy, reaping its row leaves the slot
-        WRITING with no pin, which the next sweep frees; the key was never published.
+        If this process dies mid-copy, reaping its row leaves the reserved slot WRITING with no
+        pin, which the next sweep frees; the key was never published.
         """
+        slots = self._slots
         deadline = time.monotonic() + self._timeout
         while True:
             held = self._acquire(True)
             try:
-                self._check_open()
+                self._check_not_closed("set")
                 if self._index.get(key) is not None:
                     return self._set_locked(key, data, sizes, prio)
-                life = self._life
-                life[DIRTY] = self._pid
                 try:
-                    with self._book:
-                        slot = self._take_slot()
-                        self._pins.own[slot] += 1
-                        self._slot_state[slot] = WRITING
+                    with slots.changing, self._meta_lock:
+                        slot = slots.reserve()
                         self._inflight += 1
                 except PoolExhaustedError:
                     # Slots reserved by writes in flight come back within microseconds: wait
                     # for them; slots pinned by leases alone are a real exhaustion.
-                    if WRITING not in [self._slot_state[s] for s in range(self._capacity or 0)] \
-                            or time.monotonic() >= deadline:
+                    if not slots.any_writing() or time.monotonic() >= deadline:
                         raise
                     slot = -1
-                finally:
-                    life[DIRTY] = 0
                 storage = self._storage
             finally:
                 held.release()
@@ -683,98 +552,27 @@ class KVCachePool:
         try:
             held = self._acquire(True)
         except BaseException:
-            with self._book:  # the slot stays pinned until this process closes or exits
+            with self._meta_lock:  # the slot stays pinned until this process closes or exits
                 self._inflight -= 1
             raise
         try:
-            life = self._life
-            life[DIRTY] = self._pid
-            with self._book:
-                self._pins.own[slot] -= 1
+            slots = self._slots
+            with slots.changing, self._meta_lock:
+                slots.unreserve(slot)
                 self._inflight -= 1
                 publish = key is not None and not self._closed
                 if key is not None and publish:
-                    old = self._index.get(key)
-                    if old is not None:  # another writer published this key while we copied
-                        self._drop(key, old)
-                        self._counters[UPDATES] += self._stats_on
-                    else:
-                        self._counters[INSERTS] += self._stats_on
-                    self._slot_key[slot] = key
-                    self._index[key] = slot
-                    self._slot_state[slot] = READY
-                    self._policy.insert(slot, prio)
-                    life[INSERTED] += 1
+                    slots.publish(key, slot, prio)
                 else:
-                    self._slot_state[slot] = FREE
-                    self._free.append(slot)
-            life[DIRTY] = 0
+                    slots.release(slot)
             return publish
         finally:
             held.release()
 
-    def _take_slot(self, keep: Optional[int] = None) -> int:
-        """A free slot, else the policy's unpinned victim other than ``keep`` (evicted here)."""
-        free = self._free
-        total = self._pins.total
-        if keep is None:
-            is_pinned: Callable[[int], Any] = total
-        else:
-            def is_pinned(slot: int) -> Any:
-                return slot == keep or total(slot)
-
-        if self._shared and time.monotonic_ns() - self._life[LAST_REAP_NS] > REAP_INTERVAL_NS:
-            if self._state.reap_dead_workers():
-                self._sweep_retired()  # their half-copied slots too
-        if not free and self._life[RETIRED_COUNT]:
-            self._sweep_retired()
-        if free:
-            return free.pop()
-        victim = self._policy.victim(is_pinned)
-        if victim is None and self._shared:  # maybe the pins belong to a dead worker
-            self._state.reap_dead_workers()
-            self._sweep_retired()
-            if free:
-                return free.pop()
-            victim = self._policy.victim(is_pinned)
-        if victim is None:
-            raise PoolExhaustedError(f"{self.name}: all {self._capacity} slots are pinned by leases")
-        del self._index[self._slot_key[victim]]
-        self._slot_state[victim] = FREE
-        self._policy.remove(victim)
-        self._life[EVICTED] += 1
-        self._counters[EVICTIONS] += self._stats_on
-        return victim
-
-    def _sweep_retired(self) -> None:
-        """Return retired slots whose pins are all gone to the free stack, and slots a dead
-        process reserved for a write (WRITING, its pin reaped). Caller holds the exclusive
-        lock, outside any in-place write, so every live split write still pins its slot."""
-        states, total = self._slot_state, self._pins.total
-        for slot in range(self._capacity or 0):
-            state = states[slot]
-            if (state == RETIRED or state == WRITING) and not total(slot):
-                states[slot] = FREE
-                self._free.append(slot)
-                if state == RETIRED:
-                    self._life[RETIRED_COUNT] -= 1
-
-    def _drop(self, key: int, slot: int) -> None:
-        """Remove ``key`` (at ``slot``) from the index; free or retire its slot."""
-        del self._index[key]
-        self._policy.remove(slot)
-        self._life[REMOVED] += 1
-        if self._pins[slot]:
-            self._slot_state[slot] = RETIRED
-            self._life[RETIRED_COUNT] += 1
-        else:
-            self._slot_state[slot] = FREE
-            self._free.append(slot)
-
     def delete(self, cache_key: int) -> bool:
         """Remove ``cache_key``; return whether it was present."""
         key = check_key(cache_key)
-        self._check_open()
+        self._start_call()
         if self._capacity is None:
             return False
         held = self._acquire(True)
@@ -782,66 +580,23 @@ class KVCachePool:
             slot = self._index.get(key)
             if slot is None:
                 return False
-            self._life[DIRTY] = self._pid
-            with self._book:
-                self._drop(key, slot)
-            self._life[DIRTY] = 0
+            with self._slots.changing, self._meta_lock:
+                self._slots.drop(key, slot)
             return True
         finally:
             held.release()
 
     def clear(self) -> None:
         """Remove every entry. Slot storage is kept for reuse; counters are kept too."""
-        self._check_open()
+        self._start_call()
         if self._capacity is None:
             return
         held = self._acquire(True)
         try:
-            self._life[DIRTY] = self._pid
-            with self._book:
-                for key, slot in list(self._index.items()):
-                    self._drop(key, slot)
-            self._life[DIRTY] = 0
+            with self._slots.changing, self._meta_lock:
+                self._slots.drop_all()
         finally:
             held.release()
-
-    # -- crash recovery (shared pools) ---------------------------------------------------
-
-    def _recover(self) -> None:
-        """Rebuild index, free stack and eviction order from the per-slot truth after a process
-        died halfway through a change (caller holds the exclusive lock). A slot that was being
-        written in place, or by a split writer now dead, is dropped: a half-written entry is never
-        served. A split write in flight (its slot pinned) is left to finish."""
-        cap = self._capacity or 0
-        states, keys, total = self._slot_state, self._slot_key, self._pins.total
-        self._state.reap_dead_workers()
-        live: List[int] = []
-        seen = set()
-        for slot in range(cap):
-            if states[slot] == WRITING:
-                if not total(slot):  # a pinned one is a live process's split write: left alone
-                    states[slot] = FREE
-            elif states[slot] == READY:
-                if keys[slot] in seen:  # only if the crash hit between retire and publish
-                    states[slot] = FREE
-                else:
-                    seen.add(keys[slot])
-                    live.append(slot)
-        self._index.clear()
-        for slot in live:
-            self._index[keys[slot]] = slot
-        self._free.clear()
-        retired = 0
-        for slot in range(cap - 1, -1, -1):
-            if states[slot] == FREE:
-                self._free.append(slot)
-            elif states[slot] == RETIRED:
-                retired += 1
-        self._policy.rebuild(live)
-        life = self._life
-        life[RETIRED_COUNT] = retired
-        life[INSERTED] = len(live) + life[EVICTED] + life[REMOVED]
-        life[DIRTY] = 0
 
     def recover(self) -> List[int]:
         """Reclaim what dead worker processes held (pins, half-written slots); return their pids.
@@ -849,15 +604,13 @@ class KVCachePool:
         Shared pools also do this on their own: at the next lock acquisition after a crash in
         the middle of a change, and every 0.25 s from a writer. Call it to do it now.
         """
-        self._check_open()
+        self._start_call()
         if not self._shared:
             return []
         held = self._acquire(True)
         try:
-            dead = self._state.reap_dead_workers()
-            with self._book:
-                self._sweep_retired()
-            return dead
+            with self._meta_lock:
+                return self._slots.reap()
         finally:
             held.release()
 
@@ -879,23 +632,15 @@ class KVCachePool:
         self._wait_for_split_writes()
         held = self._lock.acquire_write(self._timeout)
         try:
-            if self._shared:
-                self._state.release_worker()
+            if self._parts is not None:
+                self._parts.state.release_worker()
             self._storage = None
         finally:
             held.release()
-        if self._shared:
-            self._index = {}
-            self._state.close()
-            self._lock.close()
-            if self._owner:
-                try:
-                    os.unlink(self._data_path)
-                except FileNotFoundError:
-                    pass
-            _shared_pools.discard(self)
-        else:
-            self._index = {}
+        self._index = {}
+        if self._parts is not None:
+            self._parts.close()
+            shared_memory.untrack_forks(self)
 
     def _wait_for_split_writes(self) -> None:
         """Let this process's writes that are copying outside the lock finish (each then
@@ -913,16 +658,13 @@ class KVCachePool:
 
     def occupancy(self) -> Occupancy:
         """Counts of live, free, retired and pinned slots (taken under the exclusive lock)."""
-        self._check_open()
-        cap = self._capacity or 0
-        if not cap:
+        self._start_call()
+        if not self._capacity:
             return Occupancy(0, 0, 0, 0, 0, 0)
         held = self._acquire(True)
         try:
-            with self._book:
-                pins = [self._pins.total(s) for s in range(cap)]
-                return Occupancy(cap, len(self._index), len(self._free), self._life[RETIRED_COUNT],
-                                 sum(1 for p in pins if p), sum(pins))
+            with self._meta_lock:
+                return self._slots.occupancy()
         finally:
             held.release()
 
@@ -932,54 +674,17 @@ class KVCachePool:
         It takes the exclusive lock, so it may run while other threads and processes work. A
         shared pool first reclaims what dead workers left (pins, slots they were writing).
         """
-        self._check_open()
+        self._start_call()
         if self._capacity is None:
             return
         held = self._acquire(True)
         try:
-            with self._book:
+            with self._meta_lock:
                 if self._shared:
-                    self._state.reap_dead_workers()
-                    self._sweep_retired()
-                self._check_locked()
+                    self._slots.reap()
+                self._slots.audit()
         finally:
             held.release()
-
-    def _check_locked(self) -> None:
-        def require(ok: bool, what: str) -> None:
-            if not ok:
-                raise InvariantError(f"{self.name}: {what}")
-
-        cap = self._capacity or 0
-        states = [self._slot_state[s] for s in range(cap)]
-        live = set(self._index.values())
-        free = list(self._free)
-        require(len(live) == len(self._index), "two keys share a slot")
-        require(len(set(free)) == len(free), "a slot is twice on the free list")
-        require(all(0 <= s < cap for s in live | set(free)), "slot index out of range")
-        require(all(states[s] == READY for s in live), "an indexed slot is not READY")
-        require(all(states[s] == FREE for s in free), "a slot on the free list is not FREE")
-        counts = {st: states.count(st) for st in (FREE, WRITING, READY, RETIRED)}
-        # Outside the exclusive lock the only WRITING slots are split writes in flight (shared
-        # pools), each pinned by its writer; the sweep above freed those of dead writers.
-        require(all(self._pins[s] > 0 for s in range(cap) if states[s] == WRITING),
-                "a slot is WRITING with no writer in flight")
-        require(counts[READY] == len(live), "a READY slot is missing from the index")
-        require(counts[FREE] == len(free), "a FREE slot is missing from the free list")
-        require(counts[RETIRED] == self._life[RETIRED_COUNT], "retired count disagrees with slot states")
-        require(len(live) + len(free) + counts[RETIRED] + counts[WRITING] == cap,
-                "free + live + retired + writing != capacity")
-        for key, slot in self._index.items():
-            require(self._slot_key[slot] == key, f"slot {slot} records key {self._slot_key[slot]}, index says {key}")
-        require(all(self._pins[s] >= 0 for s in range(cap)), "negative pin count")
-        require(all(self._pins[s] == 0 for s in free), "a free slot is pinned")
-        order = self._policy.order()
-        require(len(order) == len(live) and set(order) == live, "eviction order disagrees with the index")
-        life = self._life
-        require(life[INSERTED] - life[EVICTED] - life[REMOVED] == len(self._index), "inserted - evicted - removed != len")
-        if self._stats_on:
-            s = self._stats.snapshot()
-            require(min(s.hits, s.misses, s.evictions, s.inserts, s.updates) >= 0, "negative counter")
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._index)}/{self._capacity}"

@@ -16,7 +16,10 @@ import os
 import secrets
 import struct
 import weakref
-from typing import List, Optional, Set
+from typing import List, Optional, Sequence, Set
+
+import numpy as np
+import torch
 
 from .errors import ConcurrentKVError
 
@@ -142,10 +145,24 @@ class Segment:
             self._views.append(view)
         return view
 
-    @property
-    def buffer(self) -> mmap.mmap:
+    def array(self, offset: int, count: int) -> np.ndarray:
+        """``count`` int64 cells of the payload at byte ``offset``, as a numpy view (for sweeps)."""
         assert self._mm is not None
-        return self._mm
+        return np.frombuffer(self._mm, dtype=np.int64, count=count, offset=HEADER_BYTES + offset)
+
+    def tensor(self, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+        """The payload as a tensor of ``shape`` in torch shared memory (``from_file``, MAP_SHARED).
+
+        torch maps the file on its own, so the tensor stays valid after :meth:`close` (its pages
+        go when the last tensor does); the header is skipped, so ``HEADER_BYTES`` must be a
+        multiple of the item size (it is, for every dtype up to 64 bytes)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = 1
+        for d in shape:
+            count *= d
+        skip = HEADER_BYTES // itemsize
+        flat = torch.from_file(self.path, shared=True, size=skip + count, dtype=dtype)
+        return flat[skip:].view(*shape)
 
     def close(self, unlink: Optional[bool] = None) -> None:
         """Unmap (after releasing every view handed out); the owner also unlinks the file."""

@@ -1,15 +1,15 @@
 """A pool's metadata, in process memory or in a shared-memory segment.
 
-The pool code is the same for both: it talks to an index (key -> slot), per-slot arrays
-(``slot_key``, ``slot_state``), a free-slot stack, a pin table, counters and the eviction policy.
-:class:`LocalState` builds them from plain Python lists and a dict (fastest from Python);
-:class:`SharedState` lays the same structures out as fixed arrays in one segment
-(:mod:`concurrent_kv.shm`), viewed through ``memoryview`` casts for scalar access and numpy for
-sweeps, so several processes see one pool.
+Both kinds satisfy :class:`PoolState`: an index (key -> slot), per-slot arrays (``slot_key``,
+``slot_state``), a free-slot stack, a pin table, the pool's scalar cells (``scalars``), counters
+and the eviction policy. :class:`LocalState` builds them from plain Python lists and a dict
+(fastest from Python); :class:`SharedState` lays the same structures out as fixed arrays in one
+segment (:mod:`concurrent_kv.shm`), described once by :class:`MetaLayout`, viewed through
+``memoryview`` casts for scalar access and numpy for sweeps, so several processes see one pool.
 
 Per-slot arrays are the source of truth; the index, the free stack and the policy's links are
 derived from them, so a process killed halfway through a change can be repaired by rebuilding
-(:meth:`KVCachePool._recover`).
+(:meth:`concurrent_kv.slots.SlotTable.rebuild`).
 """
 
 from __future__ import annotations
@@ -17,46 +17,123 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Protocol, Tuple, Type, Union
 
 import numpy as np
 
+from .cells import Cells, CountingArrays
 from .entry import EntrySpec
-from .eviction import Cells, EvictionPolicy
+from .eviction import EvictionPolicy
 from .shm import Segment, pid_alive, start_time
-from .stats import HITS, EVICTIONS, INSERTS, MISSES, UPDATES, CacheStats, StatsSnapshot
+from .stats import COUNTERS, EVICTIONS, HITS, INSERTS, MISSES, UPDATES, CacheStats, StatsSnapshot
 
-__all__ = ["FREE", "WRITING", "READY", "RETIRED", "LocalState", "SharedState", "ShmIndex", "ArrayStack"]
+__all__ = [
+    "FREE", "WRITING", "READY", "RETIRED", "PoolState", "KeyIndex", "SlotStack", "PinTable",
+    "LocalState", "SharedState", "MetaLayout", "ShmIndex", "ArrayStack",
+]
 
 # Slot states (the per-slot truth).
 FREE, WRITING, READY, RETIRED = 0, 1, 2, 3
 
-# Cells of the ``life`` counter array.
+# The pool's scalar cells (``state.scalars``): the mark of a change in progress (the pid of
+# the process making it, 0 when none), lifetime totals, and housekeeping.
 DIRTY, RETIRED_COUNT, INSERTED, EVICTED, REMOVED, LAST_REAP_NS, WORKER_ROWS, FREE_COUNT = range(8)
-LIFE_CELLS = 8
+SCALAR_CELLS = 8
 
-_STAT_FIELDS = 5
+
+class KeyIndex(Protocol):
+    """key -> slot: a dict in process memory, :class:`ShmIndex` in shared memory."""
+
+    def get(self, key: int, default: Optional[int] = None, /) -> Optional[int]: ...
+
+    def __setitem__(self, key: int, slot: int, /) -> None: ...
+
+    def __delitem__(self, key: int, /) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[int]: ...
+
+    def clear(self) -> None: ...
+
+    def items(self) -> Iterable[Tuple[int, int]]: ...
+
+    def values(self) -> Iterable[int]: ...
+
+
+class SlotStack(Protocol):
+    """The free slots: a list in process memory, :class:`ArrayStack` in shared memory."""
+
+    def append(self, slot: int, /) -> None: ...
+
+    def pop(self) -> int: ...
+
+    def clear(self) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[int]: ...
 
 
 class PinTable:
     """Pin counts per slot, one row per worker process; a process writes only its own row."""
 
-    def __init__(self, rows: List[Cells], life: Cells, own: int) -> None:
+    def __init__(self, rows: List[Cells], scalars: Cells, own: int) -> None:
         self._rows = rows
-        self._life = life
+        self._scalars = scalars
         self.own = rows[own]
-        self.own_index = own
 
     def total(self, slot: int) -> int:
         rows = self._rows
         if len(rows) == 1:
             return rows[0][slot]
-        return sum(rows[w][slot] for w in range(max(1, self._life[WORKER_ROWS])))
+        return sum(rows[w][slot] for w in range(max(1, self._scalars[WORKER_ROWS])))
 
     __getitem__ = total  # the policies' is_pinned(slot)
 
-    def row(self, worker: int) -> Cells:
-        return self._rows[worker]
+
+class PoolState(Protocol):
+    """What the slot table and the pool read and change; see :class:`LocalState`."""
+
+    shared: bool
+    capacity: int
+    index: KeyIndex
+    slot_key: Cells
+    slot_state: Cells
+    free: SlotStack
+    scalars: Cells
+    pins: PinTable
+    stats: CacheStats
+    policy: EvictionPolicy
+
+    def reap_dead_workers(self) -> List[int]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalState:
+    """Metadata in process memory: a dict index and lists."""
+
+    shared = False
+
+    def __init__(self, capacity: int, policy_cls: Type[EvictionPolicy]) -> None:
+        self.capacity = capacity
+        self.index: KeyIndex = {}
+        self.slot_key: Cells = [0] * capacity
+        self.slot_state: Cells = [FREE] * capacity
+        self.free: SlotStack = list(range(capacity - 1, -1, -1))  # a stack; slot 0 is used first
+        self.scalars: Cells = [0] * SCALAR_CELLS
+        self.scalars[WORKER_ROWS] = 1
+        self.pins = PinTable([[0] * capacity], self.scalars, 0)
+        self.stats = CacheStats()
+        self.policy = policy_cls(capacity)
+
+    def reap_dead_workers(self) -> List[int]:
+        return []  # one process: no other worker can die
+
+    def close(self) -> None:
+        pass
 
 
 class ArrayStack:
@@ -101,6 +178,11 @@ class ShmIndex:
         size = len(table)
         self._mask = size - 1
         self._shift = 64 - (size.bit_length() - 1)
+
+    @staticmethod
+    def buckets(capacity: int) -> int:
+        """Table size for ``capacity`` slots: a power of two >= 2x capacity (short probe runs)."""
+        return 1 << max(3, (2 * capacity - 1).bit_length())
 
     def _home(self, key: int) -> int:
         return ((key * _FIB) & _MASK64) >> self._shift
@@ -184,7 +266,7 @@ class SharedStats(CacheStats):
 
     def __init__(self, rows: np.ndarray, own: Cells) -> None:
         self._rows = rows
-        self.counters = own
+        self.counters = own  # type: ignore[assignment]  # a memoryview row: a sequence of ints
 
     hits = property(lambda self: int(self._rows[:, HITS].sum()))
     misses = property(lambda self: int(self._rows[:, MISSES].sum()))
@@ -198,75 +280,111 @@ class SharedStats(CacheStats):
     def reset(self) -> None:
         self._rows[:] = 0
 
-
-class LocalState:
-    """Metadata in process memory: a dict index and lists."""
-
-    shared = False
-
-    def __init__(self, capacity: int, policy_cls: Type[EvictionPolicy], spec: Optional[EntrySpec] = None) -> None:
-        self.capacity = capacity
-        self.index: Any = {}
-        self.slot_key: Cells = [0] * capacity
-        self.slot_state: Cells = [FREE] * capacity
-        self.free: Any = list(range(capacity - 1, -1, -1))  # a stack; slot 0 is used first
-        self.life: Cells = [0] * LIFE_CELLS
-        self.life[WORKER_ROWS] = 1
-        self.pins = PinTable([[0] * capacity], self.life, 0)
-        self.stats: Any = CacheStats()
-        self.policy = policy_cls(capacity)
-
-    def close(self) -> None:
-        pass
+    def detach(self) -> None:
+        """Keep the last counts as a private copy (the segment is about to be unmapped)."""
+        self._rows = self._rows.copy()
+        self.counters = [0] * len(COUNTERS)
 
 
-def _cells(n: int) -> int:
-    return 8 * n
+CELL = 8  # every metadata cell is 8 bytes: int64, uint64 (keys) or float64 (priorities)
+
+
+@dataclass(frozen=True)
+class Region:
+    """``count`` cells of format ``fmt`` at byte ``offset`` of a meta segment's payload."""
+
+    offset: int
+    count: int
+    fmt: str
+
+    @property
+    def nbytes(self) -> int:
+        return CELL * self.count
+
+
+class MetaLayout:
+    """Where every structure of a shared pool's metadata lies in its segment: the one place
+    offsets and sizes are computed. In order: scalars | index count | slot_key (u64) | slot_state |
+    free stack | token sizes | hash table | worker pids | worker start times | pins (a row per
+    worker) | stats (a row per worker) | the policy's arrays (handed out in the order the policy
+    asks for them, so every process finds the same)."""
+
+    def __init__(self, capacity: int, policy_cls: Type[EvictionPolicy], spec: EntrySpec, max_workers: int) -> None:
+        self.capacity, self.max_workers, self.policy = capacity, max_workers, policy_cls.name
+        self.block_shape, self.dtype = spec.block_shape, spec.dtype
+        counting = CountingArrays()
+        policy_cls(capacity, counting)  # what the policy allocates, as it will in the segment
+        parts = [
+            ("scalars", SCALAR_CELLS, "q"),
+            ("index_count", 1, "q"),
+            ("slot_key", capacity, "Q"),
+            ("slot_state", capacity, "q"),
+            ("free", capacity, "q"),
+            ("sizes", capacity * 2 * spec.num_layers, "q"),
+            ("table", ShmIndex.buckets(capacity), "q"),
+            ("worker_pid", max_workers, "q"),
+            ("worker_start", max_workers, "q"),
+            ("pins", max_workers * capacity, "q"),
+            ("stats", max_workers * len(COUNTERS), "q"),
+            ("policy", counting.cells, "q"),
+        ]
+        self.regions: Dict[str, Region] = {}
+        offset = 0
+        for name, count, fmt in parts:
+            self.regions[name] = Region(offset, count, fmt)
+            offset += CELL * count
+        self.payload_bytes = offset
+
+    def digest(self) -> bytes:
+        """The layout, as the segment header records it for ``attach`` to check."""
+        text = f"meta|{self.capacity}|{self.policy}|{self.block_shape}|{self.dtype}|{self.max_workers}"
+        return hashlib.sha256(text.encode()).digest()
+
+    @staticmethod
+    def data_digest(capacity: int, spec: EntrySpec) -> bytes:
+        """The data segment's layout (the slot tensor's shape and dtype)."""
+        return hashlib.sha256(f"data|{capacity}|{spec.block_shape}|{spec.dtype}".encode()).digest()
 
 
 class SharedState:
-    """The same metadata as :class:`LocalState`, laid out in one shared segment.
-
-    Layout (8-byte cells): life counters | slot_key (u64) | slot_state | free stack | token
-    sizes | hash table | worker pids | worker start times | pins (row per worker) | stats (row
-    per worker) | policy arrays (handed out in a fixed order, so every process finds the same).
-    """
+    """The same metadata as :class:`LocalState`, laid out in one shared segment (see
+    :class:`MetaLayout`). A process becomes a worker of the pool by claiming a worker row
+    (:meth:`claim_worker`): its pins and counters go to that row only."""
 
     shared = True
 
-    def __init__(self, seg: Segment, capacity: int, policy_cls: Type[EvictionPolicy], spec: EntrySpec,
-                 max_workers: int, create: bool) -> None:
+    def __init__(self, seg: Segment, layout: MetaLayout, policy_cls: Type[EvictionPolicy], create: bool) -> None:
         self.segment = seg
-        self.capacity = capacity
-        self.max_workers = max_workers
-        layout = self.layout(capacity, spec, max_workers)
-        views: Dict[str, memoryview] = {}
-        for name, (offset, count, fmt) in layout.items():
-            views[name] = seg.view(offset, _cells(count), fmt)
-        self._views = views
-        self.life = views["life"]
-        self.slot_key = views["slot_key"]
-        self.slot_state = views["slot_state"]
-        self.sizes = views["sizes"]
-        self.free = ArrayStack(views["free"], self.life, FREE_COUNT)
-        self.index = ShmIndex(views["table"], self.slot_key, views["index_count"], 0)
-        self.worker_pid = views["worker_pid"]
-        self.worker_start = views["worker_start"]
-        self._pins_np = np.frombuffer(seg.buffer, dtype=np.int64, count=max_workers * capacity,
-                                      offset=64 + layout["pins"][0]).reshape(max_workers, capacity)
-        self._stats_np = np.frombuffer(seg.buffer, dtype=np.int64, count=max_workers * _STAT_FIELDS,
-                                       offset=64 + layout["stats"][0]).reshape(max_workers, _STAT_FIELDS)
-        pins_at, stats_at, policy_at = layout["pins"][0], layout["stats"][0], layout["policy"][0]
-        self._pin_rows = [seg.view(pins_at + _cells(w * capacity), _cells(capacity), "q") for w in range(max_workers)]
-        self._stat_rows = [
-            seg.view(stats_at + _cells(w * _STAT_FIELDS), _cells(_STAT_FIELDS), "q") for w in range(max_workers)
-        ]
+        self.capacity = capacity = layout.capacity
+        self.max_workers = max_workers = layout.max_workers
+        regions = layout.regions
+
+        def cells(name: str, start: int = 0, count: Optional[int] = None) -> Cells:
+            region = regions[name]
+            n = region.count - start if count is None else count
+            view: Cells = seg.view(region.offset + CELL * start, CELL * n, region.fmt)
+            return view
+
+        self.scalars = cells("scalars")
+        self.slot_key = cells("slot_key")
+        self.slot_state = cells("slot_state")
+        self.sizes = cells("sizes")
+        self.free: SlotStack = ArrayStack(cells("free"), self.scalars, FREE_COUNT)
+        self.index: KeyIndex = ShmIndex(cells("table"), self.slot_key, cells("index_count"), 0)
+        self.worker_pid = cells("worker_pid")
+        self.worker_start = cells("worker_start")
+        n_stats = len(COUNTERS)
+        self._pins_np = seg.array(regions["pins"].offset, max_workers * capacity).reshape(max_workers, capacity)
+        self._stats_np = seg.array(regions["stats"].offset, max_workers * n_stats).reshape(max_workers, n_stats)
+        self._pin_rows = [cells("pins", w * capacity, capacity) for w in range(max_workers)]
+        self._stat_rows = [cells("stats", w * n_stats, n_stats) for w in range(max_workers)]
         cursor = [0]
 
         def arrays(length: int, fill: Union[int, float], kind: str) -> Cells:
+            region = regions["policy"]
             start = cursor[0]
             cursor[0] += length
-            view: Cells = seg.view(policy_at + _cells(start), _cells(length), "d" if kind == "f" else "q")
+            view: Cells = seg.view(region.offset + CELL * start, CELL * length, "d" if kind == "f" else "q")
             if create:
                 for i in range(length):
                     view[i] = fill
@@ -278,45 +396,7 @@ class SharedState:
                 self.free.append(capacity - 1 - i)
         self.worker: Optional[int] = None
         self.pins: PinTable
-        self.stats: Any
-
-    @staticmethod
-    def layout(capacity: int, spec: EntrySpec, max_workers: int) -> Dict[str, Tuple[int, int, str]]:
-        table = 1 << max(3, (2 * capacity - 1).bit_length())  # >= 2x capacity: short probe runs
-        parts = [
-            ("life", LIFE_CELLS, "q"),
-            ("index_count", 1, "q"),
-            ("slot_key", capacity, "Q"),
-            ("slot_state", capacity, "q"),
-            ("free", capacity, "q"),
-            ("sizes", capacity * 2 * spec.num_layers, "q"),
-            ("table", table, "q"),
-            ("worker_pid", max_workers, "q"),
-            ("worker_start", max_workers, "q"),
-            ("pins", max_workers * capacity, "q"),
-            ("stats", max_workers * _STAT_FIELDS, "q"),
-            ("policy", 6 * capacity + 16, "q"),
-        ]
-        out, offset = {}, 0
-        for name, count, fmt in parts:
-            out[name] = (offset, count, fmt)
-            offset += _cells(count)
-        return out
-
-    @classmethod
-    def payload_bytes(cls, capacity: int, spec: EntrySpec, max_workers: int) -> int:
-        return sum(_cells(count) for _, count, _ in cls.layout(capacity, spec, max_workers).values())
-
-    @staticmethod
-    def digest(capacity: int, policy: str, spec: EntrySpec, max_workers: int) -> bytes:
-        """The meta segment's layout, as its header records it for ``attach`` to check."""
-        text = f"meta|{capacity}|{policy}|{spec.block_shape}|{spec.dtype}|{max_workers}"
-        return hashlib.sha256(text.encode()).digest()
-
-    @staticmethod
-    def data_digest(capacity: int, spec: EntrySpec) -> bytes:
-        """The data segment's layout (the slot tensor's shape and dtype)."""
-        return hashlib.sha256(f"data|{capacity}|{spec.block_shape}|{spec.dtype}".encode()).digest()
+        self.stats: CacheStats
 
     # -- worker rows ---------------------------------------------------------------------
 
@@ -328,14 +408,12 @@ class SharedState:
         for w in range(self.max_workers):
             pid = self.worker_pid[w]
             if pid == 0 or not pid_alive(pid, self.worker_start[w]):
-                if pid != 0:
-                    self._pins_np[w] = 0  # a dead worker's pins: reclaimed
                 self.worker_pid[w] = me
                 self.worker_start[w] = start
-                self._pins_np[w] = 0
-                self.life[WORKER_ROWS] = max(self.life[WORKER_ROWS], w + 1)
+                self._pins_np[w] = 0  # a dead worker's pins: reclaimed
+                self.scalars[WORKER_ROWS] = max(self.scalars[WORKER_ROWS], w + 1)
                 self.worker = w
-                self.pins = PinTable(self._pin_rows, self.life, w)
+                self.pins = PinTable(self._pin_rows, self.scalars, w)
                 self.stats = SharedStats(self._stats_np, self._stat_rows[w])
                 return pid != 0
         raise RuntimeError(f"all {self.max_workers} worker rows of this pool are taken by live processes")
@@ -349,20 +427,19 @@ class SharedState:
     def reap_dead_workers(self) -> List[int]:
         """Clear the pins of workers whose process is gone; return their pids."""
         dead = []
-        for w in range(self.life[WORKER_ROWS]):
+        for w in range(self.scalars[WORKER_ROWS]):
             pid = self.worker_pid[w]
             if pid and not pid_alive(pid, self.worker_start[w]):
                 self._pins_np[w] = 0
                 self.worker_pid[w] = 0
                 dead.append(pid)
-        self.life[LAST_REAP_NS] = time.monotonic_ns()
+        self.scalars[LAST_REAP_NS] = time.monotonic_ns()
         return dead
 
     def close(self) -> None:
         """Unmap the segment (the owner also unlinks it). Statistics stay readable, as a copy."""
         stats = getattr(self, "stats", None)
         if isinstance(stats, SharedStats):
-            stats._rows = stats._rows.copy()
-            stats.counters = [0] * _STAT_FIELDS
+            stats.detach()
         self._pins_np = self._stats_np = None  # type: ignore[assignment]
         self.segment.close()

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Dict, MutableSequence
 
-__all__ = ["CacheStats", "StatsSnapshot", "HITS", "MISSES", "EVICTIONS", "INSERTS", "UPDATES"]
+__all__ = ["CacheStats", "StatsSnapshot", "COUNTERS", "HITS", "MISSES", "EVICTIONS", "INSERTS", "UPDATES"]
 
-_COUNTERS = ("hits", "misses", "evictions", "inserts", "updates")
+#: The counters, in their order in ``CacheStats.counters`` and in a shared pool's stats rows.
+COUNTERS = ("hits", "misses", "evictions", "inserts", "updates")
 #: Positions of the counters in ``CacheStats.counters`` (and in a shared pool's stats rows).
-HITS, MISSES, EVICTIONS, INSERTS, UPDATES = range(5)
+HITS, MISSES, EVICTIONS, INSERTS, UPDATES = range(len(COUNTERS))
 
 
 def _rate(part: int, total: int) -> float:
@@ -53,12 +54,12 @@ class StatsSnapshot(_Rates):
     def __sub__(self, other: "StatsSnapshot") -> "StatsSnapshot":
         if not isinstance(other, StatsSnapshot):
             return NotImplemented
-        return StatsSnapshot(*(getattr(self, f) - getattr(other, f) for f in _COUNTERS))
+        return StatsSnapshot(*(getattr(self, f) - getattr(other, f) for f in COUNTERS))
 
     def __add__(self, other: "StatsSnapshot") -> "StatsSnapshot":
         if not isinstance(other, StatsSnapshot):
             return NotImplemented
-        return StatsSnapshot(*(getattr(self, f) + getattr(other, f) for f in _COUNTERS))
+        return StatsSnapshot(*(getattr(self, f) + getattr(other, f) for f in COUNTERS))
 
     def as_dict(self) -> Dict[str, float]:
         """A flat dict of counters and rates, ready for a tensorboard-style logger."""
@@ -99,7 +100,7 @@ class CacheStats(_Rates):
 
     def reset(self) -> None:
         """Set every counter back to zero."""
-        for i in range(len(_COUNTERS)):
+        for i in range(len(COUNTERS)):
             self.counters[i] = 0
 
     def snapshot(self) -> StatsSnapshot:
@@ -112,7 +113,7 @@ class CacheStats(_Rates):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (CacheStats, StatsSnapshot)):
-            return all(getattr(self, f) == getattr(other, f) for f in _COUNTERS)
+            return all(getattr(self, f) == getattr(other, f) for f in COUNTERS)
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # mutable

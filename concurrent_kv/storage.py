@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 
 from .entry import EntrySpec, KeysValues, entry_tensors
-from .eviction import Cells
+from .cells import Cells
 
 __all__ = ["SlotStorage"]
 

@@ -452,12 +452,9 @@ def attach(
     config = getattr(world_model, "config", None)
     if manager is None:
         env_num = len(world_model.past_kv_cache_init_infer_envs)
-        spec = None
-        if config is not None and all(hasattr(config, f) for f in ("num_layers", "num_heads", "embed_dim", "context_length")):
-            device = torch.device(getattr(config, "device", "cpu") or "cpu")
-            if device.type == "cpu":
-                spec = EntrySpec(config.num_layers, 1, config.num_heads, config.context_length,
-                                 config.embed_dim // config.num_heads)
+        device = torch.device(getattr(config, "device", "cpu") or "cpu")
+        # Shared pools live in host memory: a CUDA model's pools are shaped by its first entry.
+        spec = EntrySpec.for_transformer(config) if config is not None and device.type == "cpu" else None
         manager = KVCacheManager(
             {
                 "init_pool_size": len(world_model.shared_pool_init_infer[0]),
