@@ -55,67 +55,6 @@ from .helpers import (
 
 
 # --------------------------------------------------------------------------------------------
-# CacheStats (4)
-# --------------------------------------------------------------------------------------------
-
-
-def test_cache_stats_initial_values() -> None:
-    """A fresh CacheStats has every counter at zero and both rates at 0.0."""
-    s = CacheStats()
-    assert (s.hits, s.misses, s.evictions, s.inserts, s.updates) == (0, 0, 0, 0, 0)
-    assert s.total_queries == 0
-    assert s.hit_rate == 0.0 and s.miss_rate == 0.0
-    assert s == StatsSnapshot()
-    assert s.snapshot() == StatsSnapshot(0, 0, 0, 0, 0)
-
-
-def test_cache_stats_hit_rate_arithmetic() -> None:
-    """total_queries = hits + misses; hit_rate and miss_rate are the two fractions."""
-    s = CacheStats(hits=3, misses=1, evictions=2)
-    assert s.total_queries == 4
-    assert s.hit_rate == pytest.approx(0.75)
-    assert s.miss_rate == pytest.approx(0.25)
-    s.hits += 4  # 7 hits, 1 miss
-    assert s.total_queries == 8
-    assert s.hit_rate == pytest.approx(7 / 8)
-    assert s.hit_rate + s.miss_rate == pytest.approx(1.0)
-    d = s.as_dict()
-    assert d["hits"] == 7 and d["misses"] == 1 and d["evictions"] == 2 and d["total_queries"] == 8
-    assert d["hit_rate"] == pytest.approx(7 / 8)
-    # Snapshots subtract into per-interval deltas.
-    later = StatsSnapshot(hits=10, misses=2, evictions=3, inserts=4, updates=1)
-    assert later - s.snapshot() == StatsSnapshot(3, 1, 1, 4, 1)
-
-
-def test_cache_stats_zero_queries_gives_zero_rates() -> None:
-    """Zero queries gives 0.0 rates, not ZeroDivisionError, even with other counters non-zero."""
-    s = CacheStats(evictions=5, inserts=7, updates=2)
-    assert s.total_queries == 0
-    assert s.hit_rate == 0.0
-    assert s.miss_rate == 0.0
-    snap = s.snapshot()
-    assert snap.hit_rate == 0.0 and snap.miss_rate == 0.0
-    assert snap.as_dict()["hit_rate"] == 0.0
-
-
-def test_cache_stats_reset() -> None:
-    """reset() zeroes every counter; a pool's reset_stats() zeroes counters but keeps entries."""
-    s = CacheStats(hits=1, misses=2, evictions=3, inserts=4, updates=5)
-    s.reset()
-    assert s == StatsSnapshot()
-    assert s.total_queries == 0 and s.hit_rate == 0.0
-
-    pool = pool_of(2)
-    pool.set(1, entry(1))
-    assert pool.get(1) is not None and pool.get(9) is None
-    assert pool.stats_snapshot() != StatsSnapshot()
-    pool.reset_stats()
-    assert pool.stats_snapshot() == StatsSnapshot()
-    assert_entry(pool.get(1), 1)
-    pool.check()
-
-
-# --------------------------------------------------------------------------------------------
 # KVCachePool (9 + leases)
 # --------------------------------------------------------------------------------------------
 
@@ -832,35 +771,6 @@ def test_real_kv_basic_operations(kind: Callable[..., Any]) -> None:
     assert m.get_init_cache(0, 1, out=out) is out
     assert_same_data(out, snap)
     m.check()
-
-
-def test_real_kv_consistent_key_generation() -> None:
-    """hash_state is xxh64 of the float32 bytes as an int; torch and numpy inputs agree."""
-    latent = _latent(7, dim=768)
-    key = hash_state(latent)
-    assert type(key) is int and 0 <= key < 2**64
-    assert key == xxhash.xxh64(latent.numpy().astype(np.float32).tobytes()).intdigest()
-    assert hash_state(latent.numpy()) == key
-    assert hash_state(latent.view(-1)) == key  # LightZero's latent[i].view(-1)
-    assert hash_state(latent.clone().requires_grad_(True)) == key
-    assert hash_state(_latent(7, dim=768)) == key  # deterministic
-    assert hash_state(_latent(8, dim=768)) != key
-    # A non-contiguous row of a batch hashes like its contiguous copy.
-    batch = torch.randn(768, 4, generator=torch.Generator().manual_seed(3)).t()
-    row = batch[1]
-    assert not row.is_contiguous()
-    assert hash_state(row) == hash_state(row.contiguous()) == hash_state(row.numpy())
-    assert hash_state(row) == xxhash.xxh64(np.ascontiguousarray(row.numpy()).tobytes()).intdigest()
-    # Bit-exact: 0.0 and -0.0 are different keys.
-    assert hash_state(torch.zeros(4)) != hash_state(-torch.zeros(4))
-    # Keys from hash_state work as pool keys for either entry kind.
-    pool = pool_of(2)
-    pool.set(key, real_entry(KeysValues, 1))
-    assert key in pool and hash_state(latent.numpy()) in pool
-    pool.set(hash_state(latent), real_entry(LZKeysValues, 2))  # same key: an update
-    assert len(pool) == 1 and pool.stats_snapshot().updates == 1
-    assert_same_data(pool.get(key), data_of(real_entry(LZKeysValues, 2)))
-    pool.check()
 
 
 @pytest.mark.parametrize("kind", ENTRY_KINDS)

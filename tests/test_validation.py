@@ -619,39 +619,9 @@ def test_manager_use_after_close_raises_closed_error(call: Callable[[KVCacheMana
 
 
 # --------------------------------------------------------------------------------------------
-# hash_state
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "latent",
-    [
-        pytest.param([0.1, 0.2], id="list"),
-        pytest.param((0.1, 0.2), id="tuple"),
-        pytest.param(None, id="None"),
-        pytest.param("latent", id="str"),
-        pytest.param(b"\x00\x00\x80?", id="bytes"),
-        pytest.param(1.5, id="float"),
-        pytest.param(7, id="int"),
-        pytest.param(np.float32(1.0), id="np-scalar"),
-        pytest.param(np.zeros(4, np.float64), id="np-float64"),
-        pytest.param(np.zeros(4, np.float16), id="np-float16"),
-        pytest.param(np.zeros(4, np.int32), id="np-int32"),
-        pytest.param(np.zeros(4, bool), id="np-bool"),
-        pytest.param(torch.zeros(4, dtype=torch.float64), id="torch-float64"),
-        pytest.param(torch.zeros(4, dtype=torch.float16), id="torch-float16"),
-        pytest.param(torch.zeros(4, dtype=torch.bfloat16), id="torch-bfloat16"),
-        pytest.param(torch.zeros(4, dtype=torch.int64), id="torch-int64"),
-    ],
-)
-def test_hash_state_rejects_wrong_type_or_dtype(latent: Any) -> None:
-    """hash_state accepts only float32 torch tensors / numpy arrays: else InvalidKeyError (a TypeError)."""
-    assert_raises(InvalidKeyError, TypeError, lambda: hash_state(latent))
-
-
-# --------------------------------------------------------------------------------------------
 # EntrySpec and entry constructors
 # --------------------------------------------------------------------------------------------
+
 
 SPEC_OK = {"num_layers": 2, "num_samples": 1, "num_heads": 2, "max_tokens": 4, "head_dim": 4}
 
