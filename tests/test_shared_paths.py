@@ -207,14 +207,6 @@ def test_manager_attach_failure_closes_what_it_attached() -> None:
         m.handle()
 
 
-def test_unsized_pools_answer_empty() -> None:
-    p = KVCachePool(max_bytes=1 << 20)
-    assert p.delete(1) is False
-    p.clear()
-    assert p.keys() == [] and p.occupancy().capacity == 0
-    p.check()
-
-
 def test_segment_helpers() -> None:
     assert shm.start_time(-1) == 0
     assert not shm.pid_alive(0) and not shm.pid_alive(2**22 + 1)
