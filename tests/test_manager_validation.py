@@ -1,65 +1,27 @@
-"""Input validation: every public call rejects bad input with a specific error class, and a rejected
-call changes nothing already stored.
+"""concurrent_kv/manager.py, validation: KVCacheManager rejects bad env ids, arguments and use after close.
 
-Each rejection is checked for the library's own class (``concurrent_kv.errors``) *and* for the
-built-in base a caller would catch (``InvalidKeyError`` is a ``TypeError``, ``ConfigError`` a
-``ValueError``, ...). Calls against a populated pool are wrapped in ``assert_rejected``: counters
-are compared right before and right after the failing call, then keys, data, sizes, storage and
-the pool's own invariants are compared with what was written.
+A rejected call changes nothing in any pool (``assert_manager_rejected``). Bad config values
+are in test_config.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-from typing import Any, Callable, Dict, List, Tuple, Type
+from typing import Any, Callable, Type
 
-import numpy as np
 import pytest
 import torch
 
-from concurrent_kv import (
-    Cache,
-    EntrySpec,
-    EvictionStrategy,
-    KeysValues,
-    KVCacheManager,
-    KVCachePool,
-    ManagerConfig,
-    hash_state,
-)
+from concurrent_kv import KVCacheManager
 from concurrent_kv.errors import (
     ClosedError,
-    ConcurrentKVError,
     ConfigError,
     EntryMismatchError,
     EnvIdError,
     InvalidEntryError,
     InvalidKeyError,
-    InvalidPriorityError,
-    PoolExhaustedError,
 )
 
-from .validation_helpers import (
-    EMBED,
-    HEAD_DIM,
-    HEADS,
-    LAYERS,
-    STORED,
-    TOKENS,
-    assert_entry,
-    assert_raises,
-    assert_rejected,
-    caches,
-    entry,
-    populated_pool,
-)
-
-
-# --------------------------------------------------------------------------------------------
-# KVCacheManager
-# --------------------------------------------------------------------------------------------
+from .validation_helpers import assert_entry, assert_raises, entry
 
 
 def manager(env_num: int = 2) -> KVCacheManager:
@@ -70,6 +32,7 @@ def manager(env_num: int = 2) -> KVCacheManager:
     m.set_recur_cache(20, entry(5.0))
     m.set_wm_cache(30, entry(6.0))
     return m
+
 
 
 def assert_manager_rejected(
@@ -88,15 +51,18 @@ def assert_manager_rejected(
     m.check()
 
 
+
 @pytest.mark.parametrize("env_num", [0, -1, True, False, "2", 2.0, None, [2]])
 def test_manager_rejects_bad_env_num(env_num: Any) -> None:
     """env_num must be a positive int: ConfigError (a ValueError)."""
     assert_raises(ConfigError, ValueError, lambda: KVCacheManager({}, env_num=env_num))
 
 
+
 @pytest.mark.parametrize("enable_stats", [1, "yes", None])
 def test_manager_rejects_non_bool_enable_stats(enable_stats: Any) -> None:
     assert_raises(ConfigError, ValueError, lambda: KVCacheManager({}, env_num=1, enable_stats=enable_stats))
+
 
 
 BAD_ENV_IDS = [
@@ -110,12 +76,14 @@ BAD_ENV_IDS = [
     pytest.param([0], id="list"),
 ]
 
+
 ENV_CALLS = [
     pytest.param(lambda m, e: m.get_init_cache(e, 10), id="get_init_cache"),
     pytest.param(lambda m, e: m.set_init_cache(e, 11, entry(9.0)), id="set_init_cache"),
     pytest.param(lambda m, e: m.hierarchical_get(e, 20), id="hierarchical_get"),
     pytest.param(lambda m, e: m.clear_init_caches(e), id="clear_init_caches"),
 ]
+
 
 
 @pytest.mark.parametrize("call", ENV_CALLS)
@@ -127,11 +95,13 @@ def test_manager_rejects_bad_env_id(call: Callable[[KVCacheManager, Any], Any], 
     assert_manager_rejected(m, EnvIdError, IndexError, lambda: call(m, env_id))
 
 
+
 def test_get_init_cache_with_none_env_id_is_rejected() -> None:
     """None means "all envs" only for clear_init_caches; elsewhere it is a bad env id."""
     m = manager()
     assert_manager_rejected(m, EnvIdError, IndexError, lambda: m.get_init_cache(None, 10))
     assert_manager_rejected(m, EnvIdError, IndexError, lambda: m.set_init_cache(None, 10, entry(9.0)))
+
 
 
 @pytest.mark.parametrize(
@@ -153,6 +123,7 @@ def test_manager_forwards_pool_validation(call: Callable[[KVCacheManager], Any],
     assert_manager_rejected(m, exc, builtin, lambda: call(m))
 
 
+
 MANAGER_CALLS = [
     pytest.param(lambda m: m.get_init_cache(0, 10), id="get_init_cache"),
     pytest.param(lambda m: m.set_init_cache(0, 10, entry(1.0)), id="set_init_cache"),
@@ -167,6 +138,7 @@ MANAGER_CALLS = [
     pytest.param(lambda m: m.clear_recur_cache(), id="clear_recur_cache"),
     pytest.param(lambda m: m.check(), id="check"),
 ]
+
 
 
 @pytest.mark.parametrize("call", MANAGER_CALLS)

@@ -1,68 +1,46 @@
-"""The 35 behaviours listed by the starting design (docs: shared/reference/starting-design.md),
-plus the lease contract of :class:`KVCachePool`.
+"""concurrent_kv/manager.py: KVCacheManager's API (per-pool get/set, hierarchical_get, clears, stats).
 
-Entries are built so that their data encode a value (``fill`` below), and every read is compared
-exactly (``torch.equal``) with what was written, so a cache that hands back another key's data,
-a shared reference or a half-written slot fails loudly. Every test that mutates a pool ends with
-``check()``, the pool's own invariant audit.
+Construction sizes and the config forms accepted are in test_config.py; rejected input in
+test_manager_validation.py; threads in test_threads.py; shared managers in test_shm.py and
+test_shared_paths.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
-import types
 from typing import Any, Callable, Dict, List
 
-import numpy as np
 import pytest
 import torch
-import xxhash
 
-from concurrent_kv import (
-    CacheStats,
-    EvictionStrategy,
-    KeysValues,
-    KVCacheManager,
-    KVCachePool,
-    ManagerConfig,
-    PoolExhaustedError,
-    StatsSnapshot,
-    hash_state,
-)
+from concurrent_kv import KeysValues, KVCacheManager, StatsSnapshot, hash_state
 
 from .helpers import (
-    EMBED,
     EMBED_DIM,
     ENTRY_KINDS,
-    HEADS,
-    LAYERS,
-    LZKeysValues,
     MAX_TOKENS,
     NUM_HEADS,
     NUM_LAYERS,
-    TOKENS,
     _latent,
     assert_entry,
     assert_same_data,
     caches,
     data_of,
     entry,
-    fill,
-    pool_of,
     real_entry,
 )
 
-
-# --------------------------------------------------------------------------------------------
-# KVCacheManager (9)
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# The starting design's KVCacheManager behaviours (6 here; the 3 on construction and config
+# forms are in test_config.py)
+# ---------------------------------------------------------------------------------------------
 
 
 def small_manager(env_num: int = 3, **cfg: Any) -> KVCacheManager:
     base = {"num_simulations": 4, "init_pool_size": 4, "recur_pool_size": 6, "wm_pool_size": 2}
     base.update(cfg)
     return KVCacheManager(base, env_num=env_num)
+
 
 
 def test_manager_isolation_between_envs() -> None:
@@ -83,6 +61,7 @@ def test_manager_isolation_between_envs() -> None:
     m.clear_init_caches(1)
     assert len(m.init_pools[0]) == 4
     m.check()
+
 
 
 def test_manager_init_recur_wm_get_set() -> None:
@@ -108,6 +87,7 @@ def test_manager_init_recur_wm_get_set() -> None:
     m.check()
 
 
+
 def test_manager_hierarchical_get_init_first_then_recur() -> None:
     """hierarchical_get looks in env_id's init pool first, then in the recur pool."""
     m = small_manager(env_num=2)
@@ -126,6 +106,7 @@ def test_manager_hierarchical_get_init_first_then_recur() -> None:
     assert stats["init_pools"]["env_0"]["hits"] == 1 and stats["init_pools"]["env_0"]["misses"] == 2
     assert stats["recur_pool"]["hits"] == 2 and stats["recur_pool"]["misses"] == 2
     m.check()
+
 
 
 def test_manager_stats_summary_structured_and_legacy_strings() -> None:
@@ -167,6 +148,7 @@ def test_manager_stats_summary_structured_and_legacy_strings() -> None:
     assert off.init_pools[0].stats_snapshot() == StatsSnapshot()
 
 
+
 def test_manager_flat_stats_and_reset_stats() -> None:
     """flat_stats has '<prefix>/<pool>/<counter>' keys; reset_stats zeroes counters, keeps entries."""
     m = small_manager(env_num=2)
@@ -188,6 +170,7 @@ def test_manager_flat_stats_and_reset_stats() -> None:
     assert_entry(m.get_init_cache(1, 1), 1)  # entries survive
     assert m.get_stats_summary()["total"]["hits"] == 1
     m.check()
+
 
 
 def test_manager_selective_clearing() -> None:
@@ -234,9 +217,149 @@ def test_manager_selective_clearing() -> None:
     m.check()
 
 
-# --------------------------------------------------------------------------------------------
-# Scenarios (2)
-# --------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# With Atari-shaped entries: concurrent_kv.KeysValues and a LightZero-like stand-in (6; the
+# seventh, on key generation, is in test_keys.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def real_manager(env_num: int = 2, **cfg: Any) -> KVCacheManager:
+    base = {"num_simulations": 3, "init_pool_size": 4, "wm_pool_size": 2}
+    base.update(cfg)
+    return KVCacheManager(base, env_num=env_num)
+
+
+
+@pytest.mark.parametrize("kind", ENTRY_KINDS)
+def test_real_kv_basic_operations(kind: Callable[..., Any]) -> None:
+    """Atari-shaped entries round-trip through every pool with exact data and sizes."""
+    m = real_manager()
+    src = real_entry(kind, seed=1, size=6)
+    snap = data_of(src)
+    m.set_init_cache(0, 1, src)
+    m.set_recur_cache(2, src)
+    m.set_wm_cache(3, src)
+    for got in (m.get_init_cache(0, 1), m.get_recur_cache(2), m.get_wm_cache(3)):
+        assert isinstance(got, KeysValues)
+        assert_same_data(got, snap)
+        assert got.size == 6 and len(got) == NUM_LAYERS
+        assert caches(got)[0]._cache.shape == (1, NUM_HEADS, MAX_TOKENS, EMBED_DIM // NUM_HEADS)
+        assert caches(got)[0]._cache.dtype == torch.float32
+        assert got._keys_values[1]._v_cache.get().shape == (1, NUM_HEADS, 6, 96)
+    assert m.init_pools[0].entry_spec.nbytes == 98_304  # 96 KiB, as the reference computes
+    # get(out=...) copies into a caller's entry of either kind and sets its sizes.
+    out = kind(1, NUM_HEADS, MAX_TOKENS, EMBED_DIM, NUM_LAYERS)
+    assert m.get_init_cache(0, 1, out=out) is out
+    assert_same_data(out, snap)
+    m.check()
+
+
+
+@pytest.mark.parametrize("kind", ENTRY_KINDS)
+def test_real_kv_isolation_between_envs(kind: Callable[..., Any]) -> None:
+    """The same latent key in different envs maps to each env's own entry."""
+    m = real_manager(env_num=3)
+    key = hash_state(_latent(1, dim=768))
+    snaps = {}
+    for e in range(2):
+        src = real_entry(kind, seed=100 + e)
+        snaps[e] = data_of(src)
+        m.set_init_cache(e, key, src)
+    for e in range(2):
+        assert_same_data(m.get_init_cache(e, key), snaps[e])
+        assert_same_data(m.hierarchical_get(e, key), snaps[e])
+    assert m.get_init_cache(2, key) is None and m.hierarchical_get(2, key) is None
+    m.check()
+
+
+
+@pytest.mark.parametrize("kind", ENTRY_KINDS)
+def test_real_kv_init_to_recur_fallback(kind: Callable[..., Any]) -> None:
+    """hierarchical_get falls back to the recur pool when the env's init pool misses."""
+    m = real_manager()
+    root_key, child_key = hash_state(_latent(1, dim=768)), hash_state(_latent(2, dim=768))
+    root, child = real_entry(kind, 1, size=4), real_entry(kind, 2, size=6)
+    m.set_init_cache(1, root_key, root)
+    m.set_recur_cache(child_key, child)
+    assert_same_data(m.hierarchical_get(1, root_key), data_of(root))
+    assert_same_data(m.hierarchical_get(1, child_key), data_of(child))
+    assert_same_data(m.hierarchical_get(0, child_key), data_of(child))  # recur is shared
+    assert m.hierarchical_get(0, root_key) is None
+    assert m.init_pools[1].stats_snapshot().hits == 1
+    assert m.recur_pool.stats_snapshot().hits == 2
+    m.check()
+
+
+
+@pytest.mark.parametrize("kind", ENTRY_KINDS)
+def test_real_kv_eviction(kind: Callable[..., Any]) -> None:
+    """Writing past the recur pool's size evicts oldest entries; survivors keep exact data."""
+    m = real_manager(env_num=1, recur_pool_size=3)
+    keys = [hash_state(_latent(s, dim=768)) for s in range(6)]
+    snaps = {}
+    for s, k in enumerate(keys):
+        src = real_entry(kind, seed=s, size=s % 7)
+        snaps[k] = data_of(src)
+        m.set_recur_cache(k, src)
+    for k in keys[:3]:
+        assert m.get_recur_cache(k) is None
+    for k in keys[3:]:
+        assert_same_data(m.get_recur_cache(k), snaps[k])
+    assert m.recur_pool.stats_snapshot().evictions == 3
+    m.check()
+
+
+
+@pytest.mark.parametrize("kind", ENTRY_KINDS)
+def test_real_kv_stats_tracking(kind: Callable[..., Any]) -> None:
+    """Hits, misses, inserts, updates and evictions track real-entry traffic."""
+    m = real_manager(env_num=1, init_pool_size=2)
+    k1, k2, k3 = (hash_state(_latent(s, dim=768)) for s in (1, 2, 3))
+    m.set_init_cache(0, k1, real_entry(kind, 1))
+    m.set_init_cache(0, k2, real_entry(kind, 2))
+    m.set_init_cache(0, k2, real_entry(kind, 22))
+    m.get_init_cache(0, k1)
+    m.get_init_cache(0, k3)
+    m.set_init_cache(0, k3, real_entry(kind, 3))
+    m.hierarchical_get(0, k1)  # evicted: init miss, recur miss
+    s = m.get_stats_summary()
+    env0 = s["init_pools"]["env_0"]
+    assert (env0["hits"], env0["misses"], env0["inserts"], env0["updates"], env0["evictions"]) == (1, 2, 3, 1, 1)
+    assert env0["hit_rate"] == pytest.approx(1 / 3)
+    assert s["recur_pool"]["misses"] == 1
+    assert s["total"]["total_queries"] == 4
+    m.check()
+
+
+
+@pytest.mark.parametrize("kind", ENTRY_KINDS)
+def test_real_kv_clearing(kind: Callable[..., Any]) -> None:
+    """Clearing real entries empties pools; re-set entries read back exactly."""
+    m = real_manager(env_num=2)
+    key = hash_state(_latent(5, dim=768))
+    src = real_entry(kind, 5)
+    m.set_init_cache(0, key, src)
+    m.set_init_cache(1, key, src)
+    m.set_recur_cache(key, src)
+    m.clear_init_caches(0)
+    assert m.get_init_cache(0, key) is None
+    assert_same_data(m.hierarchical_get(0, key), data_of(src))  # recur still has it
+    m.clear_recur_cache()
+    assert m.hierarchical_get(0, key) is None
+    assert_same_data(m.get_init_cache(1, key), data_of(src))
+    m.clear_all()
+    assert all(len(p) == 0 for p in m.pools())
+    other = real_entry(kind, 6, size=2)
+    m.set_init_cache(0, key, other)
+    assert_same_data(m.get_init_cache(0, key), data_of(other))
+    m.check()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario and workflows: UniZero-shaped use of the manager (3)
+# ---------------------------------------------------------------------------------------------
 
 
 def test_scenario_realistic_workflow() -> None:
@@ -281,141 +404,6 @@ def test_scenario_realistic_workflow() -> None:
     m.check()
 
 
-# --------------------------------------------------------------------------------------------
-# With real KeysValues objects (7): concurrent_kv.KeysValues and a LightZero-like stand-in
-# --------------------------------------------------------------------------------------------
-
-
-def real_manager(env_num: int = 2, **cfg: Any) -> KVCacheManager:
-    base = {"num_simulations": 3, "init_pool_size": 4, "wm_pool_size": 2}
-    base.update(cfg)
-    return KVCacheManager(base, env_num=env_num)
-
-
-@pytest.mark.parametrize("kind", ENTRY_KINDS)
-def test_real_kv_basic_operations(kind: Callable[..., Any]) -> None:
-    """Atari-shaped entries round-trip through every pool with exact data and sizes."""
-    m = real_manager()
-    src = real_entry(kind, seed=1, size=6)
-    snap = data_of(src)
-    m.set_init_cache(0, 1, src)
-    m.set_recur_cache(2, src)
-    m.set_wm_cache(3, src)
-    for got in (m.get_init_cache(0, 1), m.get_recur_cache(2), m.get_wm_cache(3)):
-        assert isinstance(got, KeysValues)
-        assert_same_data(got, snap)
-        assert got.size == 6 and len(got) == NUM_LAYERS
-        assert caches(got)[0]._cache.shape == (1, NUM_HEADS, MAX_TOKENS, EMBED_DIM // NUM_HEADS)
-        assert caches(got)[0]._cache.dtype == torch.float32
-        assert got._keys_values[1]._v_cache.get().shape == (1, NUM_HEADS, 6, 96)
-    assert m.init_pools[0].entry_spec.nbytes == 98_304  # 96 KiB, as the reference computes
-    # get(out=...) copies into a caller's entry of either kind and sets its sizes.
-    out = kind(1, NUM_HEADS, MAX_TOKENS, EMBED_DIM, NUM_LAYERS)
-    assert m.get_init_cache(0, 1, out=out) is out
-    assert_same_data(out, snap)
-    m.check()
-
-
-@pytest.mark.parametrize("kind", ENTRY_KINDS)
-def test_real_kv_isolation_between_envs(kind: Callable[..., Any]) -> None:
-    """The same latent key in different envs maps to each env's own entry."""
-    m = real_manager(env_num=3)
-    key = hash_state(_latent(1, dim=768))
-    snaps = {}
-    for e in range(2):
-        src = real_entry(kind, seed=100 + e)
-        snaps[e] = data_of(src)
-        m.set_init_cache(e, key, src)
-    for e in range(2):
-        assert_same_data(m.get_init_cache(e, key), snaps[e])
-        assert_same_data(m.hierarchical_get(e, key), snaps[e])
-    assert m.get_init_cache(2, key) is None and m.hierarchical_get(2, key) is None
-    m.check()
-
-
-@pytest.mark.parametrize("kind", ENTRY_KINDS)
-def test_real_kv_init_to_recur_fallback(kind: Callable[..., Any]) -> None:
-    """hierarchical_get falls back to the recur pool when the env's init pool misses."""
-    m = real_manager()
-    root_key, child_key = hash_state(_latent(1, dim=768)), hash_state(_latent(2, dim=768))
-    root, child = real_entry(kind, 1, size=4), real_entry(kind, 2, size=6)
-    m.set_init_cache(1, root_key, root)
-    m.set_recur_cache(child_key, child)
-    assert_same_data(m.hierarchical_get(1, root_key), data_of(root))
-    assert_same_data(m.hierarchical_get(1, child_key), data_of(child))
-    assert_same_data(m.hierarchical_get(0, child_key), data_of(child))  # recur is shared
-    assert m.hierarchical_get(0, root_key) is None
-    assert m.init_pools[1].stats_snapshot().hits == 1
-    assert m.recur_pool.stats_snapshot().hits == 2
-    m.check()
-
-
-@pytest.mark.parametrize("kind", ENTRY_KINDS)
-def test_real_kv_eviction(kind: Callable[..., Any]) -> None:
-    """Writing past the recur pool's size evicts oldest entries; survivors keep exact data."""
-    m = real_manager(env_num=1, recur_pool_size=3)
-    keys = [hash_state(_latent(s, dim=768)) for s in range(6)]
-    snaps = {}
-    for s, k in enumerate(keys):
-        src = real_entry(kind, seed=s, size=s % 7)
-        snaps[k] = data_of(src)
-        m.set_recur_cache(k, src)
-    for k in keys[:3]:
-        assert m.get_recur_cache(k) is None
-    for k in keys[3:]:
-        assert_same_data(m.get_recur_cache(k), snaps[k])
-    assert m.recur_pool.stats_snapshot().evictions == 3
-    m.check()
-
-
-@pytest.mark.parametrize("kind", ENTRY_KINDS)
-def test_real_kv_stats_tracking(kind: Callable[..., Any]) -> None:
-    """Hits, misses, inserts, updates and evictions track real-entry traffic."""
-    m = real_manager(env_num=1, init_pool_size=2)
-    k1, k2, k3 = (hash_state(_latent(s, dim=768)) for s in (1, 2, 3))
-    m.set_init_cache(0, k1, real_entry(kind, 1))
-    m.set_init_cache(0, k2, real_entry(kind, 2))
-    m.set_init_cache(0, k2, real_entry(kind, 22))
-    m.get_init_cache(0, k1)
-    m.get_init_cache(0, k3)
-    m.set_init_cache(0, k3, real_entry(kind, 3))
-    m.hierarchical_get(0, k1)  # evicted: init miss, recur miss
-    s = m.get_stats_summary()
-    env0 = s["init_pools"]["env_0"]
-    assert (env0["hits"], env0["misses"], env0["inserts"], env0["updates"], env0["evictions"]) == (1, 2, 3, 1, 1)
-    assert env0["hit_rate"] == pytest.approx(1 / 3)
-    assert s["recur_pool"]["misses"] == 1
-    assert s["total"]["total_queries"] == 4
-    m.check()
-
-
-@pytest.mark.parametrize("kind", ENTRY_KINDS)
-def test_real_kv_clearing(kind: Callable[..., Any]) -> None:
-    """Clearing real entries empties pools; re-set entries read back exactly."""
-    m = real_manager(env_num=2)
-    key = hash_state(_latent(5, dim=768))
-    src = real_entry(kind, 5)
-    m.set_init_cache(0, key, src)
-    m.set_init_cache(1, key, src)
-    m.set_recur_cache(key, src)
-    m.clear_init_caches(0)
-    assert m.get_init_cache(0, key) is None
-    assert_same_data(m.hierarchical_get(0, key), data_of(src))  # recur still has it
-    m.clear_recur_cache()
-    assert m.hierarchical_get(0, key) is None
-    assert_same_data(m.get_init_cache(1, key), data_of(src))
-    m.clear_all()
-    assert all(len(p) == 0 for p in m.pools())
-    other = real_entry(kind, 6, size=2)
-    m.set_init_cache(0, key, other)
-    assert_same_data(m.get_init_cache(0, key), data_of(other))
-    m.check()
-
-
-# --------------------------------------------------------------------------------------------
-# Workflows (2)
-# --------------------------------------------------------------------------------------------
-
 
 def test_workflow_imagine_rollout() -> None:
     """An imagine-style rollout: read the previous state's cache, append tokens, store the new state."""
@@ -447,6 +435,7 @@ def test_workflow_imagine_rollout() -> None:
                 assert torch.equal(v[:, :, 2 * (s - 1) : 2 * s], torch.full_like(v[:, :, :2], -want))
     assert m.recur_pool.stats_snapshot().evictions == 0
     m.check()
+
 
 
 def test_workflow_mcts_search_every_parent_read_hits() -> None:
@@ -484,22 +473,3 @@ def test_workflow_mcts_search_every_parent_read_hits() -> None:
             for node in tree[e]:
                 assert_entry(m.hierarchical_get(e, node), value[node], size=0)
     m.check()
-
-
-def test_the_starting_designs_usage_example_runs_unchanged() -> None:
-    """starting-design.md's example, word for word apart from the import line."""
-    from concurrent_kv import KVCacheManager
-
-    config = types.SimpleNamespace(num_simulations=50, game_segment_length=20)
-    kv_object = KeysValues(1, 8, 8, 768, 2, "cpu")
-    # --- the example ---
-    manager = KVCacheManager(config=config, env_num=4, enable_stats=True)
-    manager.set_init_cache(env_id=0, cache_key=123, kv_cache=kv_object)
-    kv = manager.get_init_cache(env_id=0, cache_key=123)
-    stats = manager.get_stats_summary()
-    # --- what it promised ---
-    assert kv is not None and torch.equal(kv._block, kv_object._block)
-    assert stats["stats_enabled"] is True and set(stats) >= {"init_pools", "recur_pool", "wm_pool"}
-    assert stats["init_pools"]["env_0"]["hits"] == 1
-    legacy_form = manager.get_stats_summary(as_strings=True)
-    assert legacy_form["init_pools"]["env_0"].startswith("CacheStats(hits=1, misses=0")
