@@ -1,4 +1,4 @@
-"""concurrent_kv/config.py: ManagerConfig's pool sizes (LightZero's rules), the forms it accepts, bad values."""
+"""concurrent_kv/config.py: ManagerConfig's pool sizes (LightZero's rules), accepted forms, bad values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""concurrent_kv/entry.py: the KeysValues-compatible entry type (LightZero's surface and semantics), EntrySpec."""
+"""concurrent_kv/entry.py: KeysValues (LightZero's attribute surface and semantics), Cache, EntrySpec."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""concurrent_kv/manager.py, validation: KVCacheManager rejects bad env ids, arguments and use after close.
+"""concurrent_kv/manager.py, validation: bad env ids, bad arguments and use after close are rejected.
 
 A rejected call changes nothing in any pool (``assert_manager_rejected``). Bad config values
 are in test_config.py.

@@ -1,7 +1,7 @@
-"""Shared pools in one process: crash repair from crafted states, failure paths, lock timeouts.
+"""concurrent_kv/pool.py with shared=True (and state.py): crash repair, failure paths, lock timeouts.
 
-The multiprocess and SIGKILL versions live in tests/stress; these reach the same code
-deterministically, without processes.
+Shared pools in one process, split writes included. The multiprocess and SIGKILL versions live in
+tests/stress; these reach the same code deterministically, without processes.
 """
 
 from __future__ import annotations

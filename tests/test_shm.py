@@ -1,4 +1,4 @@
-"""Shared-memory segments: owner-only files, unguessable names, space check, header validation."""
+"""concurrent_kv/shm.py: shared-memory segments (owner-only files, unguessable names, space, headers)."""
 
 from __future__ import annotations
 
