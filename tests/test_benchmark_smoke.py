@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end in ``--quick`` mode and writes its results."""
+"""benchmarks/benchmark_kv_cache.py: the script runs end to end in ``--quick`` mode and writes its results."""
 
 from __future__ import annotations
 

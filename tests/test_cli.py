@@ -1,4 +1,4 @@
-"""The main job: ``python -m concurrent_kv demo``."""
+"""concurrent_kv/cli.py (over workload.py): the main job, ``python -m concurrent_kv demo``."""
 
 from __future__ import annotations
 

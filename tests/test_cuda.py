@@ -1,4 +1,4 @@
-"""Slots live on the entries' device: CUDA where a GPU is present (skipped otherwise)."""
+"""concurrent_kv/pool.py on CUDA: slots live on the entries' device (skipped without a GPU)."""
 
 from __future__ import annotations
 

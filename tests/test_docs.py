@@ -1,4 +1,4 @@
-"""Every ```python block of docs/usage.md and README.md runs, so the docs cannot silently rot.
+"""docs/usage.md and README.md: every ```python block runs, so the docs cannot silently rot.
 
 Each block is compiled with its markdown file as the file name and padded to its real line
 number, so a failure's traceback points at the line in the .md file. Blocks run in a fresh

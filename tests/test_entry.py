@@ -1,13 +1,17 @@
-"""The KeysValues-compatible entry type: LightZero's attribute surface and semantics."""
+"""concurrent_kv/entry.py: KeysValues (LightZero's attribute surface and semantics), Cache, EntrySpec."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from concurrent_kv import EntryMismatchError, EntrySpec, InvalidEntryError, KeysValues, KVCachePool
+from concurrent_kv import Cache, EntryMismatchError, EntrySpec, InvalidEntryError, KeysValues, KVCachePool
 from concurrent_kv.entry import entry_tensors
+
+from .validation_helpers import assert_raises, entry
 
 
 def make(layers: int = 2, heads: int = 2, tokens: int = 6, embed: int = 8) -> KeysValues:
@@ -136,3 +140,52 @@ def test_get_into_a_foreign_entry_copies_data_and_sizes() -> None:
     assert torch.equal(out[0]._k_cache._cache, kv[0]._k_cache._cache)
     assert torch.equal(out[1]._v_cache._cache, kv[1]._v_cache._cache)
     assert [c._size for c in out._caches()] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: EntrySpec and entry constructors
+# ---------------------------------------------------------------------------------------------
+
+SPEC_OK = {"num_layers": 2, "num_samples": 1, "num_heads": 2, "max_tokens": 4, "head_dim": 4}
+
+
+
+@pytest.mark.parametrize("field", list(SPEC_OK))
+@pytest.mark.parametrize("value", [0, -1, True, 2.0, "2", None])
+def test_entry_spec_rejects_bad_dimension(field: str, value: Any) -> None:
+    """Every EntrySpec dimension must be a positive int: EntryMismatchError (a ValueError)."""
+    kwargs = dict(SPEC_OK, **{field: value})
+    assert_raises(EntryMismatchError, ValueError, lambda: EntrySpec(**kwargs))
+
+
+
+@pytest.mark.parametrize("dtype", ["float32", np.float32, None, float])
+def test_entry_spec_rejects_bad_dtype(dtype: Any) -> None:
+    assert_raises(EntryMismatchError, ValueError, lambda: EntrySpec(**SPEC_OK, dtype=dtype))
+
+
+
+@pytest.mark.parametrize("device", ["not-a-device", None, 3.5])
+def test_entry_spec_rejects_bad_device(device: Any) -> None:
+    """A device that is not a device raises the library's EntryMismatchError, not torch's own error."""
+    assert_raises(EntryMismatchError, ValueError, lambda: EntrySpec(**SPEC_OK, device=device))
+
+
+
+def test_entry_spec_valid_and_pool_rejects_entries_of_other_spec() -> None:
+    """A pool built with entry_spec is formatted at once and refuses entries of another spec."""
+    spec = EntrySpec(**SPEC_OK)
+    assert spec.device == torch.device("cpu") and spec.nbytes == 2 * 2 * 1 * 2 * 4 * 4 * 4
+    pool = KVCachePool(2, entry_spec=spec)
+    assert pool.nbytes == 2 * spec.nbytes
+    assert_raises(EntryMismatchError, ValueError, lambda: pool.set(1, entry(1.0, tokens=8)))
+    assert len(pool) == 0
+    pool.set(1, entry(1.0))
+    pool.check()
+
+
+
+def test_cache_constructor_rejects_indivisible_embed_dim() -> None:
+    """embed_dim must divide by num_heads (KeysValues and Cache): EntryMismatchError."""
+    assert_raises(EntryMismatchError, ValueError, lambda: KeysValues(1, 8, 8, 100, 2))
+    assert_raises(EntryMismatchError, ValueError, lambda: Cache(1, 3, 8, 8))

@@ -1,4 +1,4 @@
-"""Unit and property tests of the pure eviction policies (``concurrent_kv/eviction.py``).
+"""concurrent_kv/eviction.py: unit and property tests of the pure eviction policies.
 
 The policies are driven directly (insert / remove / touch / update / victim / order / clear with
 an ``is_pinned`` callable) and compared with tiny reference models written here.

@@ -1,4 +1,4 @@
-"""Hypothesis fuzzing of every public entry point with hostile input.
+"""Every public entry point (pool, manager, config, shm, adapter): hypothesis fuzzing with hostile input.
 
 Each call either succeeds (the input happened to be valid) or raises an error from
 ``concurrent_kv.errors`` (never a bare TypeError, AttributeError, OverflowError...), and a

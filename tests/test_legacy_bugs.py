@@ -1,5 +1,8 @@
-"""LightZero's legacy cache bugs (lightzero-unizero-kv-cache.md §6): each shown on a model of the
-legacy logic, and shown absent from concurrent_kv's pool."""
+"""concurrent_kv/testing/legacy.py against pool.py: LightZero's legacy cache bugs, and their absence.
+
+Each bug of lightzero-unizero-kv-cache.md §6 is shown on a model of the legacy logic, and shown
+absent from concurrent_kv's pool.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The LightZero adapter's seams on a stand-in world model (the real one is tests/lightzero).
+"""concurrent_kv/integrations/lightzero.py: the adapter's seams on a stand-in world model.
+
+The real world model is tested in tests/lightzero.
 
 The stand-in has LightZero 0.2.0's cache attributes and copy helpers, with the same contract:
 dicts key -> slot index, slot lists, helpers that copy into a ring and return the index.

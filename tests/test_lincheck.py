@@ -1,4 +1,4 @@
-"""The linearizability checker itself, on hand-made histories (fast tier)."""
+"""tests/stress/lincheck.py: the linearizability checker itself, on hand-made histories (fast tier)."""
 
 from __future__ import annotations
 

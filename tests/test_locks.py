@@ -1,4 +1,4 @@
-"""The pool locks on their own: who may hold them together, who waits, and what a timeout leaves.
+"""concurrent_kv/locks.py: the pool locks alone (who holds them together, who waits, what a timeout leaves).
 
 Every lock kind a pool accepts is tested through the same interface (``acquire_read`` /
 ``acquire_write`` returning a hold with ``release()``). Threads are coordinated with events,

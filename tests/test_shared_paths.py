@@ -1,7 +1,7 @@
-"""Shared pools in one process: crash repair from crafted states, failure paths, lock timeouts.
+"""concurrent_kv/pool.py with shared=True (and state.py): crash repair, failure paths, lock timeouts.
 
-The multiprocess and SIGKILL versions live in tests/stress; these reach the same code
-deterministically, without processes.
+Shared pools in one process, split writes included. The multiprocess and SIGKILL versions live in
+tests/stress; these reach the same code deterministically, without processes.
 """
 
 from __future__ import annotations
@@ -205,49 +205,6 @@ def test_manager_attach_failure_closes_what_it_attached() -> None:
     m.close()
     with pytest.raises(Exception):
         m.handle()
-
-
-def test_unsized_pools_answer_empty() -> None:
-    p = KVCachePool(max_bytes=1 << 20)
-    assert p.delete(1) is False
-    p.clear()
-    assert p.keys() == [] and p.occupancy().capacity == 0
-    p.check()
-
-
-def test_segment_helpers() -> None:
-    assert shm.start_time(-1) == 0
-    assert not shm.pid_alive(0) and not shm.pid_alive(2**22 + 1)
-    assert shm.pid_alive(os.getpid()) and shm.pid_alive(os.getpid(), shm.start_time(os.getpid()))
-    assert not shm.pid_alive(os.getpid(), started=1)  # a reused pid is not the process we knew
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    import time
-
-    deadline = time.monotonic() + 5
-    while shm.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not shm.pid_alive(pid)  # a zombie holds nothing
-    os.waitpid(pid, 0)
-    # A segment whose view is still exported closes without raising; the owner's exit hook
-    # unlinks what was not closed.
-    seg = shm.Segment.create("helpers", 64, b"d")
-    assert seg.name.startswith("ckv-")
-    held = memoryview(seg.buffer)
-    seg.close()
-    held.release()
-    seg2 = shm.Segment.create("helpers", 64, b"d")
-    shm._unlink_owned_at_exit()
-    assert not os.path.exists(seg2.path)
-    seg2.close()
-    junk = os.path.join(shm.shm_dir(), "ckv-" + "1" * 32 + "-junk")
-    with open(junk, "wb") as f:
-        f.write(b"short")
-    try:
-        assert os.path.basename(junk) not in shm.remove_stale_segments()
-    finally:
-        os.unlink(junk)
 
 
 # -- split writes: a shared pool copies a new entry outside its exclusive lock ----------------

@@ -1,4 +1,4 @@
-"""Shared-memory segments: owner-only files, unguessable names, space check, header validation."""
+"""concurrent_kv/shm.py: shared-memory segments (owner-only files, unguessable names, space, headers)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from concurrent_kv import (
     KVCachePool,
     SharedMemoryError,
 )
+from concurrent_kv import shm
 from concurrent_kv.shm import HEADER, Segment, leftover_segments, remove_stale_segments, shm_dir
 from concurrent_kv.workload import fill_entry, verify_entry
 
@@ -182,3 +183,38 @@ def test_no_public_call_writes_outside_a_slot() -> None:
             view._block.fill_(999.0)  # misuse: scribbling on a leased view...
         assert verify_entry(p.get(0), 0) and verify_entry(p.get(2), 2)  # ...stays inside slot 1
         p.check()
+
+
+def test_segment_helpers() -> None:
+    assert shm.start_time(-1) == 0
+    assert not shm.pid_alive(0) and not shm.pid_alive(2**22 + 1)
+    assert shm.pid_alive(os.getpid()) and shm.pid_alive(os.getpid(), shm.start_time(os.getpid()))
+    assert not shm.pid_alive(os.getpid(), started=1)  # a reused pid is not the process we knew
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    import time
+
+    deadline = time.monotonic() + 5
+    while shm.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not shm.pid_alive(pid)  # a zombie holds nothing
+    os.waitpid(pid, 0)
+    # A segment whose view is still exported closes without raising; the owner's exit hook
+    # unlinks what was not closed.
+    seg = shm.Segment.create("helpers", 64, b"d")
+    assert seg.name.startswith("ckv-")
+    held = memoryview(seg.buffer)
+    seg.close()
+    held.release()
+    seg2 = shm.Segment.create("helpers", 64, b"d")
+    shm._unlink_owned_at_exit()
+    assert not os.path.exists(seg2.path)
+    seg2.close()
+    junk = os.path.join(shm.shm_dir(), "ckv-" + "1" * 32 + "-junk")
+    with open(junk, "wb") as f:
+        f.write(b"short")
+    try:
+        assert os.path.basename(junk) not in shm.remove_stale_segments()
+    finally:
+        os.unlink(junk)

@@ -1,4 +1,4 @@
-"""Thread safety of pools and the manager, with payloads that verify themselves."""
+"""concurrent_kv/pool.py and manager.py under threads: thread safety, with self-verifying payloads."""
 
 from __future__ import annotations
 

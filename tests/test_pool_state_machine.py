@@ -1,4 +1,4 @@
-"""Stateful tests: a real ``KVCachePool`` against a sequential model, one machine per policy.
+"""concurrent_kv/pool.py: stateful tests, a real ``KVCachePool`` against a sequential model per policy.
 
 The model (written here, from the documented semantics and ``pool.py`` / ``eviction.py``):
 

@@ -1,125 +1,45 @@
-"""Input validation: every public call rejects bad input with a specific error class, and a rejected
-call changes nothing already stored.
+"""concurrent_kv/pool.py, validation: KVCachePool and Lease reject bad input with typed errors.
 
-Each rejection is checked for the library's own class (``concurrent_kv.errors``) *and* for the
-built-in base a caller would catch (``InvalidKeyError`` is a ``TypeError``, ``ConfigError`` a
-``ValueError``, ...). Calls against a populated pool are wrapped in ``assert_rejected``: counters
-are compared right before and right after the failing call, then keys, data, sizes, storage and
-the pool's own invariants are compared with what was written.
+Every public call of the pool rejects bad input with a specific error class, and a rejected call
+changes nothing already stored (see ``validation_helpers.assert_rejected``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-from typing import Any, Callable, Dict, List, Tuple, Type
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import pytest
 import torch
 
-from concurrent_kv import (
-    Cache,
-    EntrySpec,
-    EvictionStrategy,
-    KeysValues,
-    KVCacheManager,
-    KVCachePool,
-    ManagerConfig,
-    hash_state,
-)
+from concurrent_kv import EntrySpec, EvictionStrategy, KVCachePool
 from concurrent_kv.errors import (
     ClosedError,
-    ConcurrentKVError,
     ConfigError,
     EntryMismatchError,
-    EnvIdError,
     InvalidEntryError,
     InvalidKeyError,
     InvalidPriorityError,
     PoolExhaustedError,
 )
 
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
+from .validation_helpers import (
+    HEAD_DIM,
+    HEADS,
+    LAYERS,
+    TOKENS,
+    assert_entry,
+    assert_raises,
+    assert_rejected,
+    caches,
+    entry,
+    populated_pool,
+)
 
-LAYERS, HEADS, TOKENS, EMBED = 2, 2, 4, 8
-HEAD_DIM = EMBED // HEADS
-STORED = {10: 1.0, 11: 2.0, 12: 3.0}  # key -> value of the entries in the populated pool
-
-
-def caches(kv: Any) -> List[Any]:
-    return [c for layer in kv._keys_values for c in (layer._k_cache, layer._v_cache)]
-
-
-def entry(value: float, size: int = 3, **shape: Any) -> KeysValues:
-    """A KeysValues (default: the pool's shape) whose cache ``i`` is filled with ``value + i/4``."""
-    kv = KeysValues(
-        shape.get("n", 1),
-        shape.get("heads", HEADS),
-        shape.get("tokens", TOKENS),
-        shape.get("embed", EMBED),
-        shape.get("layers", LAYERS),
-        shape.get("device", "cpu"),
-        shape.get("dtype", torch.float32),
-    )
-    for i, c in enumerate(caches(kv)):
-        c._cache.fill_(value + i * 0.25)
-        c._size = size
-    return kv
-
-
-def assert_entry(kv: Any, value: float, size: int = 3) -> None:
-    assert kv is not None
-    for i, c in enumerate(caches(kv)):
-        assert torch.equal(c._cache, torch.full_like(c._cache, value + i * 0.25))
-        assert c._size == size
-
-
-def populated_pool(strategy: Any = "fifo") -> KVCachePool:
-    """A 4-slot pool holding STORED (3 entries, one free slot)."""
-    pool = KVCachePool(4, strategy, name="populated")
-    for k, v in STORED.items():
-        pool.set(k, entry(v))
-    return pool
-
-
-def assert_raises(exc: Type[BaseException], builtin: Type[BaseException], fn: Callable[[], Any]) -> BaseException:
-    """``fn()`` raises ``exc``, which is also a ``builtin`` and a ConcurrentKVError."""
-    assert issubclass(exc, builtin) and issubclass(exc, ConcurrentKVError)
-    with pytest.raises(exc) as info:
-        fn()
-    assert isinstance(info.value, builtin)
-    assert isinstance(info.value, ConcurrentKVError)
-    return info.value
-
-
-def assert_rejected(
-    pool: KVCachePool,
-    exc: Type[BaseException],
-    builtin: Type[BaseException],
-    fn: Callable[[], Any],
-    stored: Dict[int, float] = STORED,
-) -> None:
-    """``fn()`` is rejected and ``pool`` is exactly as it was: counters, keys, data, storage."""
-    keys = sorted(pool.keys())
-    assert keys == sorted(stored)
-    nbytes, spec, capacity, length = pool.nbytes, pool.entry_spec, pool.capacity, len(pool)
-    before = pool.stats_snapshot()
-    assert_raises(exc, builtin, fn)
-    assert pool.stats_snapshot() == before  # taken right before/after: no read/write was counted
-    assert (pool.nbytes, pool.entry_spec, pool.capacity, len(pool)) == (nbytes, spec, capacity, length)
-    assert sorted(pool.keys()) == keys
-    for k, v in stored.items():
-        assert_entry(pool.get(k), v)
-    pool.check()
-
-
-# --------------------------------------------------------------------------------------------
-# KVCachePool constructor
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# KVCachePool constructor and sizing
+# ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -162,6 +82,7 @@ def test_pool_constructor_rejects(args: Tuple[Any, ...], kwargs: Dict[str, Any])
     assert_raises(ConfigError, ValueError, lambda: KVCachePool(*args, **kwargs))
 
 
+
 @pytest.mark.parametrize(
     "args, kwargs",
     [
@@ -181,6 +102,7 @@ def test_pool_constructor_accepts_valid_arguments(args: Tuple[Any, ...], kwargs:
     pool.check()
 
 
+
 def test_pool_max_bytes_smaller_than_one_entry() -> None:
     """max_bytes below one entry: the first set raises EntryMismatchError and leaves the pool unsized."""
     pool = KVCachePool(max_bytes=16)
@@ -188,6 +110,7 @@ def test_pool_max_bytes_smaller_than_one_entry() -> None:
     assert pool.capacity is None and pool.entry_spec is None and pool.nbytes == 0 and len(pool) == 0
     assert 1 not in pool and pool.keys() == []
     pool.check()
+
 
 
 def test_max_bytes_pool_get_before_first_entry_is_a_miss() -> None:
@@ -204,9 +127,10 @@ def test_max_bytes_pool_get_before_first_entry_is_a_miss() -> None:
     pool.check()
 
 
-# --------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
 # keys
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 
 BAD_KEYS = [
     pytest.param("10", id="str"),
@@ -228,11 +152,13 @@ BAD_KEYS = [
 ]
 
 
+
 @pytest.mark.parametrize("key", BAD_KEYS)
 def test_set_rejects_bad_key(key: Any) -> None:
     """set() with a key that is not an int in [0, 2**64) raises InvalidKeyError (a TypeError)."""
     pool = populated_pool()
     assert_rejected(pool, InvalidKeyError, TypeError, lambda: pool.set(key, entry(9.0)))
+
 
 
 @pytest.mark.parametrize("key", BAD_KEYS)
@@ -243,6 +169,7 @@ def test_get_lease_delete_contains_reject_bad_key(key: Any) -> None:
     assert_rejected(pool, InvalidKeyError, TypeError, lambda: pool.lease(key))
     assert_rejected(pool, InvalidKeyError, TypeError, lambda: pool.delete(key))
     assert_rejected(pool, InvalidKeyError, TypeError, lambda: key in pool)
+
 
 
 @pytest.mark.parametrize("key", [0, 2**64 - 1, np.uint64(2**64 - 1), np.int32(7), np.int64(12)])
@@ -257,9 +184,10 @@ def test_valid_key_forms_are_accepted(key: Any) -> None:
     pool.check()
 
 
-# --------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
 # entries
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 
 
 class _Obj:
@@ -267,6 +195,7 @@ class _Obj:
 
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
+
 
 
 def _lz_like(tensors: List[Any], sizes: List[Any]) -> _Obj:
@@ -282,8 +211,10 @@ def _lz_like(tensors: List[Any], sizes: List[Any]) -> _Obj:
     return _Obj(_keys_values=tuple(layers))
 
 
+
 def _t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.zeros(*(shape or (1, HEADS, TOKENS, HEAD_DIM)), dtype=dtype)
+
 
 
 NOT_ENTRIES = [
@@ -303,12 +234,14 @@ NOT_ENTRIES = [
 ]
 
 
+
 @pytest.mark.parametrize("make", NOT_ENTRIES)
 def test_set_rejects_non_entries(make: Callable[[], Any]) -> None:
     """Objects without LightZero's KeysValues surface raise InvalidEntryError (a TypeError)."""
     pool = populated_pool()
     assert_rejected(pool, InvalidEntryError, TypeError, lambda: pool.set(13, make()))
     assert_rejected(pool, InvalidEntryError, TypeError, lambda: pool.set(10, make()))  # existing key
+
 
 
 @pytest.mark.parametrize("make", NOT_ENTRIES)
@@ -320,6 +253,7 @@ def test_unformatted_pool_rejects_non_entries_and_stays_unformatted(make: Callab
     pool.set(1, entry(1.0, tokens=6))  # any shape may still come first
     assert pool.entry_spec.max_tokens == 6
     pool.check()
+
 
 
 MISMATCHED = [
@@ -343,6 +277,7 @@ MISMATCHED = [
 ]
 
 
+
 @pytest.mark.parametrize("make", MISMATCHED)
 def test_set_rejects_entries_that_do_not_fit_the_slots(make: Callable[[], Any]) -> None:
     """Wrong layer count, shape, dtype, device or _size raises EntryMismatchError (a ValueError)."""
@@ -352,12 +287,19 @@ def test_set_rejects_entries_that_do_not_fit_the_slots(make: Callable[[], Any]) 
     assert_rejected(pool, EntryMismatchError, ValueError, lambda: pool.set(11, make()))
 
 
+
 def test_mismatch_with_a_non_contiguous_block_breaker() -> None:
     """An entry of the pool's type whose one cache was swapped for a wrong-shape tensor is rejected."""
     pool = populated_pool()
     kv = entry(9.0)
     kv._keys_values[1]._v_cache._cache = torch.zeros(1, HEADS, TOKENS + 2, HEAD_DIM)[:, :, 1 : TOKENS + 1][..., :2]
     assert_rejected(pool, EntryMismatchError, ValueError, lambda: pool.set(10, kv))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# priorities, and a pool whose every slot is leased
+# ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -381,12 +323,14 @@ def test_set_rejects_bad_priority(priority: Any, strategy: str) -> None:
     assert_rejected(pool, InvalidPriorityError, ValueError, lambda: pool.set(10, entry(9.0), priority=priority))
 
 
+
 @pytest.mark.parametrize("priority", [0, -5, 2.5, np.float32(1.5), np.int64(3)])
 def test_valid_priorities_are_accepted(priority: Any) -> None:
     pool = populated_pool("priority")
     pool.set(13, entry(9.0), priority=priority)
     assert_entry(pool.get(13), 9.0)
     pool.check()
+
 
 
 def test_pool_exhausted_rejection_changes_nothing() -> None:
@@ -407,9 +351,10 @@ def test_pool_exhausted_rejection_changes_nothing() -> None:
     pool.check()
 
 
-# --------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
 # get(out=...)
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -435,6 +380,7 @@ def test_get_rejects_mismatched_out(make_out: Callable[[], Any], exc: Any, built
             assert torch.equal(c._cache, t) and c._size == s
 
 
+
 def test_get_with_matching_out_is_accepted() -> None:
     """A matching out (any _size) receives the entry in place."""
     pool = populated_pool()
@@ -445,9 +391,10 @@ def test_get_with_matching_out_is_accepted() -> None:
     assert_entry(out, 2.0)  # a miss leaves out alone
 
 
-# --------------------------------------------------------------------------------------------
-# closed pools
-# --------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# closed pools, and leases used twice
+# ---------------------------------------------------------------------------------------------
 
 POOL_CALLS = [
     pytest.param(lambda p: p.get(10), id="get"),
@@ -463,6 +410,7 @@ POOL_CALLS = [
 ]
 
 
+
 @pytest.mark.parametrize("call", POOL_CALLS)
 def test_pool_methods_after_close_raise_closed_error(call: Callable[[KVCachePool], Any]) -> None:
     """After close(), every data-path method raises ClosedError (a RuntimeError)."""
@@ -472,6 +420,7 @@ def test_pool_methods_after_close_raise_closed_error(call: Callable[[KVCachePool
     assert pool.closed
     assert_raises(ClosedError, RuntimeError, lambda: call(pool))
     assert pool.nbytes == 0 and len(pool) == 0
+
 
 
 def test_lease_made_before_close_cannot_be_entered_after() -> None:
@@ -484,6 +433,7 @@ def test_lease_made_before_close_cannot_be_entered_after() -> None:
             pass
 
 
+
 def test_lease_entered_twice_is_refused() -> None:
     """A Lease is single-use; re-entering it raises RuntimeError and leaves no pin behind."""
     pool = populated_pool()
@@ -494,260 +444,3 @@ def test_lease_entered_twice_is_refused() -> None:
         lease.__enter__()
     pool.clear()  # an unbalanced pin would leave a retired slot and break check()
     pool.check()
-
-
-# --------------------------------------------------------------------------------------------
-# KVCacheManager
-# --------------------------------------------------------------------------------------------
-
-
-def manager(env_num: int = 2) -> KVCacheManager:
-    """A small manager with one entry in each pool (values 1.0 env 0, 2.0 env 1, 5.0 recur, 6.0 wm)."""
-    m = KVCacheManager({"num_simulations": 2, "init_pool_size": 3, "wm_pool_size": 2}, env_num=env_num)
-    for e in range(env_num):
-        m.set_init_cache(e, 10, entry(1.0 + e))
-    m.set_recur_cache(20, entry(5.0))
-    m.set_wm_cache(30, entry(6.0))
-    return m
-
-
-def assert_manager_rejected(
-    m: KVCacheManager, exc: Type[BaseException], builtin: Type[BaseException], fn: Callable[[], Any]
-) -> None:
-    """``fn()`` is rejected and every pool of ``m`` is unchanged."""
-    before = [p.stats_snapshot() for p in m.pools()]
-    keys = [sorted(p.keys()) for p in m.pools()]
-    assert_raises(exc, builtin, fn)
-    assert [p.stats_snapshot() for p in m.pools()] == before
-    assert [sorted(p.keys()) for p in m.pools()] == keys
-    for e in range(m.env_num):
-        assert_entry(m.get_init_cache(e, 10), 1.0 + e)
-    assert_entry(m.get_recur_cache(20), 5.0)
-    assert_entry(m.get_wm_cache(30), 6.0)
-    m.check()
-
-
-@pytest.mark.parametrize("env_num", [0, -1, True, False, "2", 2.0, None, [2]])
-def test_manager_rejects_bad_env_num(env_num: Any) -> None:
-    """env_num must be a positive int: ConfigError (a ValueError)."""
-    assert_raises(ConfigError, ValueError, lambda: KVCacheManager({}, env_num=env_num))
-
-
-@pytest.mark.parametrize("enable_stats", [1, "yes", None])
-def test_manager_rejects_non_bool_enable_stats(enable_stats: Any) -> None:
-    assert_raises(ConfigError, ValueError, lambda: KVCacheManager({}, env_num=1, enable_stats=enable_stats))
-
-
-BAD_CONFIG_VALUES = [
-    ("num_simulations", 0),
-    ("num_simulations", -5),
-    ("num_simulations", True),
-    ("num_simulations", 2.5),
-    ("num_simulations", "50"),
-    ("num_simulations", None),
-    ("max_cache_size", 0),
-    ("max_cache_size", 10.0),
-    ("init_pool_size", 0),
-    ("init_pool_size", -3),
-    ("init_pool_size", 1.5),
-    ("init_pool_size", False),
-    ("recur_pool_size", 0),
-    ("recur_pool_size", "8"),
-    ("wm_pool_size", -1),
-    ("init_eviction_strategy", "random"),
-    ("recur_eviction_strategy", "lifo"),
-    ("wm_eviction_strategy", 5),
-    ("init_eviction_strategy", None),
-    ("lock", "spin"),
-    ("lock", None),
-    ("lock_timeout", 0),
-    ("lock_timeout", -1),
-    ("lock_timeout", math.nan),
-    ("lock_timeout", math.inf),
-    ("lock_timeout", "1"),
-    ("lock_timeout", True),
-]
-
-
-@pytest.mark.parametrize("field, value", BAD_CONFIG_VALUES)
-@pytest.mark.parametrize("form", ["dict", "namespace", "ManagerConfig"])
-def test_manager_rejects_bad_config_values(field: str, value: Any, form: str) -> None:
-    """Every known config field is validated, whatever the config's form: ConfigError (a ValueError)."""
-    values = {"num_simulations": 4, field: value}
-    if form == "dict":
-        make = lambda: KVCacheManager(values, env_num=2)  # noqa: E731
-    elif form == "namespace":
-        make = lambda: KVCacheManager(types.SimpleNamespace(**values), env_num=2)  # noqa: E731
-    else:
-        make = lambda: ManagerConfig(**values)  # noqa: E731
-    assert_raises(ConfigError, ValueError, make)
-
-
-def test_manager_rejects_bad_config_dataclass() -> None:
-    @dataclasses.dataclass
-    class Cfg:
-        num_simulations: int = 0
-        context_length: int = 8
-
-    assert_raises(ConfigError, ValueError, lambda: KVCacheManager(Cfg(), env_num=2))
-
-
-@pytest.mark.parametrize("config", [5, "config", [("num_simulations", 5)], 3.0, b"x"])
-def test_manager_rejects_config_of_wrong_type(config: Any) -> None:
-    """A config that is not a dict, dataclass or attribute object raises ConfigError."""
-    assert_raises(ConfigError, ValueError, lambda: KVCacheManager(config, env_num=2))
-
-
-BAD_ENV_IDS = [
-    pytest.param(-1, id="-1"),
-    pytest.param(2, id="env_num"),
-    pytest.param(100, id="100"),
-    pytest.param(True, id="True"),
-    pytest.param(False, id="False"),
-    pytest.param("0", id="str"),
-    pytest.param(0.0, id="float"),
-    pytest.param([0], id="list"),
-]
-
-ENV_CALLS = [
-    pytest.param(lambda m, e: m.get_init_cache(e, 10), id="get_init_cache"),
-    pytest.param(lambda m, e: m.set_init_cache(e, 11, entry(9.0)), id="set_init_cache"),
-    pytest.param(lambda m, e: m.hierarchical_get(e, 20), id="hierarchical_get"),
-    pytest.param(lambda m, e: m.clear_init_caches(e), id="clear_init_caches"),
-]
-
-
-@pytest.mark.parametrize("call", ENV_CALLS)
-@pytest.mark.parametrize("env_id", BAD_ENV_IDS)
-def test_manager_rejects_bad_env_id(call: Callable[[KVCacheManager, Any], Any], env_id: Any) -> None:
-    """An env_id outside [0, env_num) or not an int raises EnvIdError (an IndexError), touching no pool
-    (hierarchical_get does not fall through to the recur pool)."""
-    m = manager(env_num=2)
-    assert_manager_rejected(m, EnvIdError, IndexError, lambda: call(m, env_id))
-
-
-def test_get_init_cache_with_none_env_id_is_rejected() -> None:
-    """None means "all envs" only for clear_init_caches; elsewhere it is a bad env id."""
-    m = manager()
-    assert_manager_rejected(m, EnvIdError, IndexError, lambda: m.get_init_cache(None, 10))
-    assert_manager_rejected(m, EnvIdError, IndexError, lambda: m.set_init_cache(None, 10, entry(9.0)))
-
-
-@pytest.mark.parametrize(
-    "call, exc, builtin",
-    [
-        pytest.param(lambda m: m.set_init_cache(0, "k", entry(9.0)), InvalidKeyError, TypeError, id="init-key"),
-        pytest.param(lambda m: m.set_recur_cache(-1, entry(9.0)), InvalidKeyError, TypeError, id="recur-key"),
-        pytest.param(lambda m: m.get_wm_cache(2**64), InvalidKeyError, TypeError, id="wm-key"),
-        pytest.param(lambda m: m.hierarchical_get(0, None), InvalidKeyError, TypeError, id="hier-key"),
-        pytest.param(lambda m: m.set_init_cache(0, 10, None), InvalidEntryError, TypeError, id="init-entry"),
-        pytest.param(lambda m: m.set_recur_cache(20, entry(9.0, layers=3)), EntryMismatchError, ValueError, id="recur-layers"),
-        pytest.param(lambda m: m.set_wm_cache(30, entry(9.0, dtype=torch.float64)), EntryMismatchError, ValueError, id="wm-dtype"),
-        pytest.param(lambda m: m.get_recur_cache(20, out=entry(0.0, heads=4)), EntryMismatchError, ValueError, id="recur-out"),
-    ],
-)
-def test_manager_forwards_pool_validation(call: Callable[[KVCacheManager], Any], exc: Any, builtin: Any) -> None:
-    """Bad keys and entries given to the manager are rejected by the pool, changing nothing anywhere."""
-    m = manager()
-    assert_manager_rejected(m, exc, builtin, lambda: call(m))
-
-
-MANAGER_CALLS = [
-    pytest.param(lambda m: m.get_init_cache(0, 10), id="get_init_cache"),
-    pytest.param(lambda m: m.set_init_cache(0, 10, entry(1.0)), id="set_init_cache"),
-    pytest.param(lambda m: m.get_recur_cache(20), id="get_recur_cache"),
-    pytest.param(lambda m: m.set_recur_cache(20, entry(1.0)), id="set_recur_cache"),
-    pytest.param(lambda m: m.get_wm_cache(30), id="get_wm_cache"),
-    pytest.param(lambda m: m.set_wm_cache(30, entry(1.0)), id="set_wm_cache"),
-    pytest.param(lambda m: m.hierarchical_get(0, 20), id="hierarchical_get"),
-    pytest.param(lambda m: m.clear_all(), id="clear_all"),
-    pytest.param(lambda m: m.clear_init_caches(), id="clear_init_caches-all"),
-    pytest.param(lambda m: m.clear_init_caches(1), id="clear_init_caches-one"),
-    pytest.param(lambda m: m.clear_recur_cache(), id="clear_recur_cache"),
-    pytest.param(lambda m: m.check(), id="check"),
-]
-
-
-@pytest.mark.parametrize("call", MANAGER_CALLS)
-def test_manager_use_after_close_raises_closed_error(call: Callable[[KVCacheManager], Any]) -> None:
-    """After close(), every cache operation raises ClosedError (a RuntimeError)."""
-    m = manager()
-    m.close()
-    m.close()  # idempotent
-    assert all(p.closed for p in m.pools())
-    assert_raises(ClosedError, RuntimeError, lambda: call(m))
-
-
-# --------------------------------------------------------------------------------------------
-# hash_state
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "latent",
-    [
-        pytest.param([0.1, 0.2], id="list"),
-        pytest.param((0.1, 0.2), id="tuple"),
-        pytest.param(None, id="None"),
-        pytest.param("latent", id="str"),
-        pytest.param(b"\x00\x00\x80?", id="bytes"),
-        pytest.param(1.5, id="float"),
-        pytest.param(7, id="int"),
-        pytest.param(np.float32(1.0), id="np-scalar"),
-        pytest.param(np.zeros(4, np.float64), id="np-float64"),
-        pytest.param(np.zeros(4, np.float16), id="np-float16"),
-        pytest.param(np.zeros(4, np.int32), id="np-int32"),
-        pytest.param(np.zeros(4, bool), id="np-bool"),
-        pytest.param(torch.zeros(4, dtype=torch.float64), id="torch-float64"),
-        pytest.param(torch.zeros(4, dtype=torch.float16), id="torch-float16"),
-        pytest.param(torch.zeros(4, dtype=torch.bfloat16), id="torch-bfloat16"),
-        pytest.param(torch.zeros(4, dtype=torch.int64), id="torch-int64"),
-    ],
-)
-def test_hash_state_rejects_wrong_type_or_dtype(latent: Any) -> None:
-    """hash_state accepts only float32 torch tensors / numpy arrays: else InvalidKeyError (a TypeError)."""
-    assert_raises(InvalidKeyError, TypeError, lambda: hash_state(latent))
-
-
-# --------------------------------------------------------------------------------------------
-# EntrySpec and entry constructors
-# --------------------------------------------------------------------------------------------
-
-SPEC_OK = {"num_layers": 2, "num_samples": 1, "num_heads": 2, "max_tokens": 4, "head_dim": 4}
-
-
-@pytest.mark.parametrize("field", list(SPEC_OK))
-@pytest.mark.parametrize("value", [0, -1, True, 2.0, "2", None])
-def test_entry_spec_rejects_bad_dimension(field: str, value: Any) -> None:
-    """Every EntrySpec dimension must be a positive int: EntryMismatchError (a ValueError)."""
-    kwargs = dict(SPEC_OK, **{field: value})
-    assert_raises(EntryMismatchError, ValueError, lambda: EntrySpec(**kwargs))
-
-
-@pytest.mark.parametrize("dtype", ["float32", np.float32, None, float])
-def test_entry_spec_rejects_bad_dtype(dtype: Any) -> None:
-    assert_raises(EntryMismatchError, ValueError, lambda: EntrySpec(**SPEC_OK, dtype=dtype))
-
-
-@pytest.mark.parametrize("device", ["not-a-device", None, 3.5])
-def test_entry_spec_rejects_bad_device(device: Any) -> None:
-    """A device that is not a device raises the library's EntryMismatchError, not torch's own error."""
-    assert_raises(EntryMismatchError, ValueError, lambda: EntrySpec(**SPEC_OK, device=device))
-
-
-def test_entry_spec_valid_and_pool_rejects_entries_of_other_spec() -> None:
-    """A pool built with entry_spec is formatted at once and refuses entries of another spec."""
-    spec = EntrySpec(**SPEC_OK)
-    assert spec.device == torch.device("cpu") and spec.nbytes == 2 * 2 * 1 * 2 * 4 * 4 * 4
-    pool = KVCachePool(2, entry_spec=spec)
-    assert pool.nbytes == 2 * spec.nbytes
-    assert_raises(EntryMismatchError, ValueError, lambda: pool.set(1, entry(1.0, tokens=8)))
-    assert len(pool) == 0
-    pool.set(1, entry(1.0))
-    pool.check()
-
-
-def test_cache_constructor_rejects_indivisible_embed_dim() -> None:
-    """embed_dim must divide by num_heads (KeysValues and Cache): EntryMismatchError."""
-    assert_raises(EntryMismatchError, ValueError, lambda: KeysValues(1, 8, 8, 100, 2))
-    assert_raises(EntryMismatchError, ValueError, lambda: Cache(1, 3, 8, 8))
