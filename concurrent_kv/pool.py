@@ -94,6 +94,7 @@ class KVCachePool:
 
     _state: PoolState
     _slots: SlotTable
+    _slot_table_cls: Type[SlotTable] = SlotTable  # a seam for tests that break the state machine on purpose
 
     def __init__(
         self,
@@ -189,7 +190,7 @@ class KVCachePool:
         through attributes of the pool (each lookup saved is ~40 ns on a ~2 us call)."""
         self._state = state
         self._capacity = state.capacity
-        self._slots = SlotTable(state, self.name, self._stats_on, self._pid)
+        self._slots = self._slot_table_cls(state, self.name, self._stats_on, self._pid)
         self._index = state.index
         self._policy = state.policy
         # Shared LRU reads reorder links other processes read: they take the lock exclusively.

@@ -46,6 +46,7 @@ from hypothesis.stateful import (
 
 from concurrent_kv import EntrySpec, InvariantError, KeysValues, KVCachePool, PoolExhaustedError
 from concurrent_kv.eviction import FIFOPolicy, PriorityPolicy
+from concurrent_kv.slots import SlotTable
 from concurrent_kv.storage import SlotStorage
 
 KEYS = st.integers(0, 7)
@@ -100,7 +101,7 @@ def assert_entry(kv, key: int, tag: int, what: str) -> None:
 
 def order_keys(pool: KVCachePool) -> List[int]:
     """The pool's eviction order as keys, first victim first."""
-    return [pool._slot_key[s] for s in pool._policy.order()]
+    return [pool._state.slot_key[s] for s in pool._state.policy.order()]
 
 
 def slot_of(pool: KVCachePool, key: int) -> int:
@@ -597,23 +598,31 @@ class DoubleUnpinPool(KVCachePool):
         super()._unpin(slot, *args, **kwargs)
 
 
-class LeakFreedSlotPool(KVCachePool):
+class LeakFreedSlots(SlotTable):
     """Broken: a deleted entry's slot never makes it back to the free list."""
 
-    def _drop(self, key, slot, *args, **kwargs):
-        super()._drop(key, slot, *args, **kwargs)
-        if len(self._free) and list(self._free)[-1] == slot:
-            self._free.pop()
+    def drop(self, key, slot, *args, **kwargs):
+        super().drop(key, slot, *args, **kwargs)
+        if len(self.state.free) and list(self.state.free)[-1] == slot:
+            self.state.free.pop()
+
+
+class LeakFreedSlotPool(KVCachePool):
+    _slot_table_cls = LeakFreedSlots
+
+
+class UncountedEvictions(SlotTable):
+    """Broken: evictions are not counted."""
+
+    def take(self, *args, **kwargs):
+        before = self.state.stats.evictions
+        slot = super().take(*args, **kwargs)
+        self.state.stats.evictions = before
+        return slot
 
 
 class UncountedEvictionPool(KVCachePool):
-    """Broken: evictions are not counted."""
-
-    def _take_slot(self, *args, **kwargs):
-        before = self.stats.evictions
-        slot = super()._take_slot(*args, **kwargs)
-        self.stats.evictions = before
-        return slot
+    _slot_table_cls = UncountedEvictions
 
 
 class SwappedSizesStorage(SlotStorage):
@@ -624,8 +633,8 @@ class SwappedSizesStorage(SlotStorage):
 
 
 class SwappedSizesPool(KVCachePool):
-    def _format(self, spec, *args, **kwargs):
-        super()._format(spec, *args, **kwargs)
+    def _allocate_storage(self, spec, *args, **kwargs):
+        super()._allocate_storage(spec, *args, **kwargs)
         self._storage = SwappedSizesStorage(spec, self._capacity)
 
 
@@ -734,19 +743,19 @@ def _a_live_slot(pool):
 
 
 def _the_free_slot(pool):
-    return list(pool._free)[-1]
+    return list(pool._state.free)[-1]
 
 
 CORRUPTIONS = {
-    "free-slot-twice": lambda p: p._free.append(_the_free_slot(p)),
-    "lost-free-slot": lambda p: p._free.pop(),
-    "live-slot-on-free-list": lambda p: p._free.append(_a_live_slot(p)),
-    "slot-key-mismatch": lambda p: p._slot_key.__setitem__(_a_live_slot(p), 2),
+    "free-slot-twice": lambda p: p._state.free.append(_the_free_slot(p)),
+    "lost-free-slot": lambda p: p._state.free.pop(),
+    "live-slot-on-free-list": lambda p: p._state.free.append(_a_live_slot(p)),
+    "slot-key-mismatch": lambda p: p._state.slot_key.__setitem__(_a_live_slot(p), 2),
     "two-keys-one-slot": lambda p: p._index.__setitem__(2, _a_live_slot(p)),
-    "free-slot-pinned": lambda p: p._pins.own.__setitem__(_the_free_slot(p), 1),
-    "negative-pin": lambda p: p._pins.own.__setitem__(_a_live_slot(p), -1),
-    "slot-out-of-range": lambda p: (p._free.pop(), p._free.append(99)),
-    "policy-forgot-slot": lambda p: p._policy.remove(_a_live_slot(p)),
+    "free-slot-pinned": lambda p: p._state.pins.own.__setitem__(_the_free_slot(p), 1),
+    "negative-pin": lambda p: p._state.pins.own.__setitem__(_a_live_slot(p), -1),
+    "slot-out-of-range": lambda p: (p._state.free.pop(), p._state.free.append(99)),
+    "policy-forgot-slot": lambda p: p._state.policy.remove(_a_live_slot(p)),
     "negative-stat": lambda p: setattr(p.stats, "hits", -1),
     "index-lost-key": lambda p: p._index.pop(1),
 }

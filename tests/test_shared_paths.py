@@ -44,16 +44,16 @@ def pool(request):
 def test_repair_drops_a_half_written_slot_and_rebuilds_order(pool: KVCachePool) -> None:
     for k in range(4):
         pool.set(k, entry(k), priority=float(k))
-    order_before = [pool._slot_key[s] for s in pool._policy.order()]
+    order_before = [pool._state.slot_key[s] for s in pool._state.policy.order()]
     # A writer "died" after marking slot of key 3 WRITING, with the pool marked dirty.
     slot3 = pool._index.get(3)
-    pool._slot_state[slot3] = WRITING
-    pool._life[DIRTY] = 12345
-    pool._policy.clear()  # and with the eviction links torn
+    pool._state.slot_state[slot3] = WRITING
+    pool._state.scalars[DIRTY] = 12345
+    pool._state.policy.clear()  # and with the eviction links torn
     assert pool.get(3) is None  # the next lock holder repairs first; 3 is never served
-    assert pool._life[DIRTY] == 0
+    assert pool._state.scalars[DIRTY] == 0
     pool.check()
-    assert [pool._slot_key[s] for s in pool._policy.order()] == [k for k in order_before if k != 3]
+    assert [pool._state.slot_key[s] for s in pool._state.policy.order()] == [k for k in order_before if k != 3]
     assert all(verify_entry(pool.get(k), k) for k in range(3))
     for k in range(10, 14):  # and it keeps working, evicting in the rebuilt order
         pool.set(k, entry(k), priority=100.0)
@@ -64,9 +64,9 @@ def test_repair_keeps_one_slot_per_key_and_counts_retired(pool: KVCachePool) -> 
     for k in range(3):
         pool.set(k, entry(k))
     s0, s1, s2 = (pool._index.get(k) for k in range(3))
-    pool._slot_key[s1] = 0  # a crash between publish and retire left key 0 twice READY
-    pool._slot_state[s2] = RETIRED  # and a retired slot (no pins: reusable)
-    pool._life[DIRTY] = 1
+    pool._state.slot_key[s1] = 0  # a crash between publish and retire left key 0 twice READY
+    pool._state.slot_state[s2] = RETIRED  # and a retired slot (no pins: reusable)
+    pool._state.scalars[DIRTY] = 1
     got = pool.get(0)
     assert got is not None and verify_entry(got, 0)
     occ = pool.occupancy()
@@ -188,7 +188,7 @@ def test_manager_construction_failure_closes_the_pools_made(monkeypatch) -> None
         KVCacheManager({"num_simulations": 2}, 3, shared=True, entry_spec=SPEC)
     monkeypatch.undo()
     assert all(p.closed for p in label_pools)
-    assert not any(os.path.exists(p._handle.meta_path) for p in label_pools)
+    assert not any(os.path.exists(p._parts.handle.meta_path) for p in label_pools)
     with pytest.raises(ConfigError):
         KVCacheManager({}, 2, shared=1)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
@@ -300,9 +300,9 @@ def test_close_waits_for_a_copying_writer_which_then_fails_cleanly() -> None:
 
 def test_check_reports_a_writing_slot_with_no_writer(pool: KVCachePool) -> None:
     pool.set(1, entry(1))
-    free = pool._free.pop()
-    pool._slot_state[free] = WRITING  # reserved, but by no one (and no dead worker to reap)
+    free = pool._state.free.pop()
+    pool._state.slot_state[free] = WRITING  # reserved, but by no one (and no dead worker to reap)
     with pytest.raises(InvariantError, match="no writer"):
-        pool._check_locked()
+        pool._slots.audit()
     pool.check()  # the public audit sweeps first: such a slot is freed
     assert pool.occupancy().free == 5

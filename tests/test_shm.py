@@ -204,9 +204,9 @@ def test_segment_helpers() -> None:
     # unlinks what was not closed.
     seg = shm.Segment.create("helpers", 64, b"d")
     assert seg.name.startswith("ckv-")
-    held = memoryview(seg.buffer)
+    held = seg.array(0, 1)  # a view the segment did not hand out
     seg.close()
-    held.release()
+    del held
     seg2 = shm.Segment.create("helpers", 64, b"d")
     shm._unlink_owned_at_exit()
     assert not os.path.exists(seg2.path)
