@@ -7,7 +7,7 @@ shared-memory segment, so one piece of code serves both.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Protocol, Tuple, Union
+from typing import Any, Callable, Iterator, List, Protocol, Sequence, Tuple, Union, overload
 
 __all__ = ["Cells", "ArrayFactory", "list_arrays", "CountingArrays"]
 
@@ -15,7 +15,13 @@ __all__ = ["Cells", "ArrayFactory", "list_arrays", "CountingArrays"]
 class Cells(Protocol):
     """What the metadata code asks of an array: a list, or a ``memoryview`` over shared memory."""
 
+    @overload
     def __getitem__(self, index: int, /) -> Any: ...
+
+    @overload
+    def __getitem__(self, index: slice, /) -> Sequence[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
 
     def __setitem__(self, index: int, value: Any, /) -> None: ...
 

@@ -45,7 +45,7 @@ SCALAR_CELLS = 8
 class KeyIndex(Protocol):
     """key -> slot: a dict in process memory, :class:`ShmIndex` in shared memory."""
 
-    def get(self, key: int, default: Optional[int] = None, /) -> Optional[int]: ...
+    def get(self, key: int, /) -> Optional[int]: ...
 
     def __setitem__(self, key: int, slot: int, /) -> None: ...
 
@@ -119,7 +119,8 @@ class LocalState:
 
     def __init__(self, capacity: int, policy_cls: Type[EvictionPolicy]) -> None:
         self.capacity = capacity
-        self.index: KeyIndex = {}
+        index: Dict[int, int] = {}
+        self.index: KeyIndex = index
         self.slot_key: Cells = [0] * capacity
         self.slot_state: Cells = [FREE] * capacity
         self.free: SlotStack = list(range(capacity - 1, -1, -1))  # a stack; slot 0 is used first
