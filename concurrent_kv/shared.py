@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Tuple, Type
 
@@ -84,23 +85,19 @@ def create(name: str, capacity: int, policy_cls: Type[EvictionPolicy], spec: Ent
     """Create a pool's two segments (data first: it is the big one, so a full tmpfs fails before
     any metadata is laid out) and open them."""
     layout = MetaLayout(capacity, policy_cls, spec, max_workers)
-    data = Segment.create(name + ".data", capacity * spec.nbytes, MetaLayout.data_digest(capacity, spec))
-    try:
+    with ExitStack() as undo:  # a failure leaves no segment behind
+        data = Segment.create(name + ".data", capacity * spec.nbytes, MetaLayout.data_digest(capacity, spec))
+        undo.callback(data.close)
         meta = Segment.create(name, layout.payload_bytes, layout.digest())
-    except BaseException:
-        data.close()
-        raise
-    handle = PoolHandle(
-        name, meta.path, data.path, capacity, policy_cls.name,
-        (spec.num_layers, spec.num_samples, spec.num_heads, spec.max_tokens, spec.head_dim, str(spec.dtype)),
-        max_workers, lock, lock_timeout, enable_stats,
-    )
-    try:
-        return _open(handle, meta, data, policy_cls, layout, create=True)
-    except BaseException:
-        meta.close()
-        data.close()
-        raise
+        undo.callback(meta.close)
+        handle = PoolHandle(
+            name, meta.path, data.path, capacity, policy_cls.name,
+            (spec.num_layers, spec.num_samples, spec.num_heads, spec.max_tokens, spec.head_dim, str(spec.dtype)),
+            max_workers, lock, lock_timeout, enable_stats,
+        )
+        parts = _open(handle, meta, data, policy_cls, layout, create=True)
+        undo.pop_all()
+    return parts
 
 
 def attach(handle: Any) -> SharedParts:
@@ -110,19 +107,15 @@ def attach(handle: Any) -> SharedParts:
     spec = handle.entry_spec()
     policy_cls = resolve_policy(handle.policy)
     layout = MetaLayout(handle.capacity, policy_cls, spec, handle.max_workers)
-    data = Segment.attach(handle.data_path, handle.capacity * spec.nbytes,
-                          MetaLayout.data_digest(handle.capacity, spec))
-    try:
+    with ExitStack() as undo:  # a failure leaves nothing mapped
+        data = Segment.attach(handle.data_path, handle.capacity * spec.nbytes,
+                              MetaLayout.data_digest(handle.capacity, spec))
+        undo.callback(data.close)
         meta = Segment.attach(handle.meta_path, layout.payload_bytes, layout.digest())
-    except BaseException:
-        data.close()
-        raise
-    try:
-        return _open(handle, meta, data, policy_cls, layout, create=False)
-    except BaseException:
-        meta.close()
-        data.close()
-        raise
+        undo.callback(meta.close)
+        parts = _open(handle, meta, data, policy_cls, layout, create=False)
+        undo.pop_all()
+    return parts
 
 
 def join(parts: SharedParts, slots: SlotTable, timeout: float) -> None:
