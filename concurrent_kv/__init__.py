@@ -6,6 +6,7 @@ reader-writer lock, preallocated slot storage and FIFO / LRU / PRIORITY eviction
 ``shared=True`` the pools live in shared memory and worker processes attach by handle.
 """
 
+from .collector import CollectorCaches
 from .config import ManagerConfig
 from .entry import Cache, EntrySpec, KeysValues, KVCache
 from .errors import (
@@ -18,6 +19,7 @@ from .errors import (
     InvalidKeyError,
     InvalidPriorityError,
     InvariantError,
+    HolderError,
     LockTimeoutError,
     PoolExhaustedError,
 )
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KVCacheManager",
+    "CollectorCaches",
     "KVCachePool",
     "Lease",
     "Occupancy",
@@ -64,4 +67,5 @@ __all__ = [
     "LockTimeoutError",
     "ClosedError",
     "InvariantError",
+    "HolderError",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "LockTimeoutError",
     "ClosedError",
     "InvariantError",
+    "HolderError",
 ]
 
 
@@ -61,6 +62,10 @@ class LockTimeoutError(ConcurrentKVError, TimeoutError):
 
 class ClosedError(ConcurrentKVError, RuntimeError):
     """An operation was attempted on a pool or manager after ``close()``."""
+
+
+class HolderError(ConcurrentKVError, ValueError):
+    """A holder id that this pool did not hand out to this process, or that was removed."""
 
 
 class InvariantError(ConcurrentKVError, AssertionError):

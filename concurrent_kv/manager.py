@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from dataclasses import dataclass
 
 from .checks import boolean, instance_of, positive_int
+from .collector import CollectorCaches
 from .config import ManagerConfig
 from .entry import EntrySpec
 from .errors import ClosedError, ConfigError, EnvIdError
@@ -173,6 +174,15 @@ class KVCacheManager:
         """Env ``env_id``'s init pool first, then the recur pool (UniZero's lookup order)."""
         found = self._init_pool(env_id).get(cache_key, out)
         return found if found is not None else self.recur_pool.get(cache_key, out)
+
+    def collector(self, first_env: int = 0, env_num: Optional[int] = None) -> CollectorCaches:
+        """One collector's view of this manager (see :class:`~concurrent_kv.collector.CollectorCaches`):
+        its own root pools (envs ``first_env .. first_env+env_num-1``, claimed exclusively), holds
+        on what it stores in the shared recur and wm pools, clears that release only its holds.
+        ``env_num`` defaults to the rest of the manager's envs."""
+        if self._closed:
+            raise ClosedError("KVCacheManager is closed")
+        return CollectorCaches(self, first_env, env_num)
 
     # -- clearing ------------------------------------------------------------------------
 

@@ -33,14 +33,15 @@ from . import shared as shared_memory
 from .cells import Cells
 from .checks import boolean, instance_of, positive_int, positive_seconds
 from .entry import EntrySpec, KeysValues
-from .errors import ClosedError, ConfigError, EntryMismatchError, PoolExhaustedError
+from .errors import ClosedError, ConfigError, EntryMismatchError, HolderError, PoolExhaustedError
 from .eviction import EvictionPolicy, EvictionStrategy, check_priority, resolve_policy
 from .keys import check_key
 from .locks import LOCK_KINDS, PoolLock, Releasable, make_lock
 from .shared import PoolHandle, SharedParts
+from .shm import start_time
 from .slots import Occupancy, SlotTable
 from .state import LocalState, PoolState
-from .stats import HITS, MISSES, CacheStats, StatsSnapshot
+from .stats import HITS, MISSES, REJECTED, CacheStats, StatsSnapshot
 from .storage import SlotStorage
 
 __all__ = ["KVCachePool", "Lease", "PoolHandle", "Occupancy", "MAX_SLOTS"]
@@ -443,36 +444,46 @@ class KVCachePool:
         data, sizes = spec.check(kv)
         return spec, data, sizes
 
-    def set(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
+    def set(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None, *,
+            holder: Optional[int] = None) -> int:
         """Deep-copy ``kv_cache`` into the pool under ``cache_key``; return its slot index.
 
         A new key takes a free slot, else evicts the policy's victim. An existing key is rewritten
         in place (FIFO order unchanged; LRU makes it most recent; PRIORITY takes the new
         priority). ``priority`` (default 0.0) matters to PRIORITY pools: lowest goes first.
-        Raises :class:`PoolExhaustedError` when every slot is pinned by a lease.
+        With ``holder`` (from :meth:`add_holder`) the entry is also held by that holder.
+        Raises :class:`PoolExhaustedError` when every slot is pinned by a lease or held (the
+        refusal is counted as ``rejected``; nothing stored changes).
         """
         key = check_key(cache_key)
         prio = 0.0 if priority is None else check_priority(priority)
         self._start_call()
+        if holder is not None:
+            self._check_holder(holder)
         spec, data, sizes = self._check_entry(kv_cache)
-        if self._split_writes:
-            return self._set_split(key, data, sizes, prio)
-        held = self._acquire(True)
         try:
-            self._check_not_closed("set")
-            if self._spec is None:
-                self._allocate_storage(spec)
-            elif spec is not self._spec and spec != self._spec:  # another thread allocated it first
-                _, data, sizes = self._check_entry(kv_cache)
-            return self._set_locked(key, data, sizes, prio)
-        finally:
-            held.release()
+            if self._split_writes:
+                return self._set_split(key, data, sizes, prio, holder)
+            held = self._acquire(True)
+            try:
+                self._check_not_closed("set")
+                if self._spec is None:
+                    self._allocate_storage(spec)
+                elif spec is not self._spec and spec != self._spec:  # another thread allocated it first
+                    _, data, sizes = self._check_entry(kv_cache)
+                return self._set_locked(key, data, sizes, prio, holder)
+            finally:
+                held.release()
+        except PoolExhaustedError:
+            with self._meta_lock:
+                self._counters[REJECTED] += self._stats_on
+            raise
 
     def _check_not_closed(self, during: str) -> None:
         if self._closed:
             raise ClosedError(f"pool {self.name!r} was closed during {during}")
 
-    def _set_locked(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float) -> int:
+    def _set_locked(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float, holder: Optional[int]) -> int:
         """Store under the exclusive lock: rewrite the key's slot in place, or fill another."""
         slots, storage = self._slots, self._storage
         assert storage is not None
@@ -493,16 +504,18 @@ class KVCachePool:
                     if in_place:
                         slots.drop(key, slot)  # never serve a half-written entry; frees the slot
                     else:
-                        slots.release(slot)
+                        slots.give_back(slot)
                 raise
             with self._meta_lock:
                 if in_place:
                     slots.republish(slot, prio)
                 else:
                     slots.publish(key, slot, prio)
+                if holder is not None:
+                    slots.hold(slot, holder)
             return slot
 
-    def _set_split(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float) -> int:
+    def _set_split(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float, holder: Optional[int]) -> int:
         """``set`` of a new key in three steps, so that other processes read and write while
         this one copies: reserve a slot (exclusive lock), copy into it (no lock), publish it
         (exclusive lock). A rewrite of a stored key is done in place under the lock instead.
@@ -517,7 +530,7 @@ class KVCachePool:
             try:
                 self._check_not_closed("set")
                 if self._index.get(key) is not None:
-                    return self._set_locked(key, data, sizes, prio)
+                    return self._set_locked(key, data, sizes, prio, holder)
                 try:
                     with slots.changing, self._meta_lock:
                         slot = slots.reserve()
@@ -542,11 +555,12 @@ class KVCachePool:
         except BaseException:
             self._end_split_write(slot)
             raise
-        if not self._end_split_write(slot, key, prio):
+        if not self._end_split_write(slot, key, prio, holder):
             raise ClosedError(f"pool {self.name!r} was closed during set")
         return slot
 
-    def _end_split_write(self, slot: int, key: Optional[int] = None, prio: float = 0.0) -> bool:
+    def _end_split_write(self, slot: int, key: Optional[int] = None, prio: float = 0.0,
+                         holder: Optional[int] = None) -> bool:
         """Under the exclusive lock, end a split write: publish ``slot`` as ``key``'s entry (newer
         than any value stored meanwhile), or hand the slot back when there is no key (the copy
         failed) or the pool was closed meanwhile (close() is waiting). Return whether it published."""
@@ -564,8 +578,10 @@ class KVCachePool:
                 publish = key is not None and not self._closed
                 if key is not None and publish:
                     slots.publish(key, slot, prio)
+                    if holder is not None:
+                        slots.hold(slot, holder)
                 else:
-                    slots.release(slot)
+                    slots.give_back(slot)
             return publish
         finally:
             held.release()
@@ -598,6 +614,65 @@ class KVCachePool:
                 self._slots.drop_all()
         finally:
             held.release()
+
+    # -- holders -------------------------------------------------------------------------
+
+    def add_holder(self, exclusive: bool = False) -> int:
+        """Register a holder (a collector) in this process; return its id for ``set(holder=)``
+        and :meth:`release`. A holder's entries are never evicted, and another holder's
+        :meth:`release` does not remove them. ``exclusive=True`` refuses a pool that another
+        holder already uses (a collector's own root pool). Holders of a process that dies are
+        released by crash repair."""
+        boolean("exclusive", exclusive)
+        self._start_call()
+        if self._capacity is None:
+            raise ConfigError(f"pool {self.name!r} has no slots yet: give pool_size or entry_spec to hold entries")
+        held = self._acquire(True)
+        try:
+            with self._meta_lock:
+                holds = self._state.holds
+                if self._shared:
+                    self._slots.reap()  # a dead collector's row is free again
+                others = [h for h in range(len(holds.rows)) if holds.pid[h]]
+                if exclusive and others:
+                    raise ConfigError(f"pool {self.name!r} is held by another collector (holders {others})")
+                try:
+                    return holds.claim(os.getpid(), start_time(os.getpid()) if self._shared else 0)
+                except RuntimeError as exc:
+                    raise ConfigError(f"pool {self.name!r}: {exc}") from None
+        finally:
+            held.release()
+
+    def release(self, holder: int) -> int:
+        """Let go of every entry ``holder`` holds: those no other holder holds are removed (the
+        holder's own clear); the rest stay. Return how many were removed."""
+        self._start_call()
+        self._check_holder(holder)
+        held = self._acquire(True)
+        try:
+            with self._slots.changing, self._meta_lock:
+                return self._slots.let_go(holder)
+        finally:
+            held.release()
+
+    def remove_holder(self, holder: int) -> int:
+        """:meth:`release` ``holder`` and retire its id; return how many entries were removed."""
+        self._start_call()
+        self._check_holder(holder)
+        held = self._acquire(True)
+        try:
+            with self._slots.changing, self._meta_lock:
+                removed = self._slots.let_go(holder)
+                self._state.holds.pid[holder] = 0
+                return removed
+        finally:
+            held.release()
+
+    def _check_holder(self, holder: Any) -> None:
+        holds = getattr(getattr(self, "_state", None), "holds", None)
+        if isinstance(holder, bool) or not isinstance(holder, int) or holds is None \
+                or not 0 <= holder < len(holds.rows) or holds.pid[holder] != os.getpid():
+            raise HolderError(f"pool {self.name!r}: {holder!r} is not a holder this process added (add_holder)")
 
     def recover(self) -> List[int]:
         """Reclaim what dead worker processes held (pins, half-written slots); return their pids.

@@ -4,7 +4,9 @@
 
     FREE --take/reserve--> WRITING --publish--> READY --drop (pinned)--> RETIRED
       ^                       |                   |                        |
-      +------release----------+                   +--drop/evict (unpinned)-+--sweep (unpinned)--> FREE
+      +------give_back--------+                   +--drop/evict (unpinned)-+--sweep (unpinned)--> FREE
+
+    A holder's ``let_go`` drops the READY entries that no one else holds.
 
 :class:`SlotTable` makes every such move over a :class:`~concurrent_kv.state.PoolState` (in process
 or shared memory). It holds no lock and touches no tensor: the pool calls it under its exclusive
@@ -16,7 +18,9 @@ Invariants, kept by every method here and verified by :meth:`SlotTable.audit`:
 * a FREE slot is on the free stack exactly once and unpinned;
 * a RETIRED slot is counted in ``scalars[RETIRED_COUNT]``;
 * outside a change, a WRITING slot is pinned by the split writer that reserved it;
-* ``INSERTED - EVICTED - REMOVED`` equals the number of keys.
+* ``INSERTED - EVICTED - REMOVED`` equals the number of keys;
+* only READY slots are held; a slot's hold count is the number of holder rows that hold it, and
+  a held slot is never evicted (:meth:`SlotTable.take` skips it like a leased one).
 
 Every change runs inside :meth:`SlotTable.changing`: it marks the pool DIRTY, so a process killed
 in the middle leaves the next lock holder the work of :meth:`SlotTable.rebuild`.
@@ -51,6 +55,7 @@ class Occupancy:
     retired: int  # slots whose entry was removed while leased, reused once unpinned
     pinned: int  # slots with at least one lease
     pins: int  # leases held, over all processes
+    held: int = 0  # slots held by at least one collector (see KVCachePool.add_holder)
 
 
 class _Change:
@@ -92,12 +97,10 @@ class SlotTable:
         """A free slot, else the policy's unpinned victim other than ``keep`` (evicted here)."""
         st = self.state
         free = st.free
-        total = st.pins.total
-        if keep is None:
-            is_pinned: Callable[[int], object] = total
-        else:
-            def is_pinned(slot: int) -> object:
-                return slot == keep or total(slot)
+        total, held = st.pins.total, st.holds.count
+
+        def is_pinned(slot: int) -> object:  # leased, held by a collector, or the one to keep
+            return slot == keep or held[slot] or total(slot)
 
         if st.shared and time.monotonic_ns() - st.scalars[LAST_REAP_NS] > REAP_INTERVAL_NS:
             if st.reap_dead_workers():
@@ -114,7 +117,7 @@ class SlotTable:
                 return free.pop()
             victim = st.policy.victim(is_pinned)  # type: ignore[arg-type]
         if victim is None:
-            raise PoolExhaustedError(f"{self.name}: all {st.capacity} slots are pinned by leases")
+            raise PoolExhaustedError(f"{self.name}: all {st.capacity} slots are pinned by leases or held")
         del st.index[st.slot_key[victim]]
         st.slot_state[victim] = FREE
         st.policy.remove(victim)
@@ -131,7 +134,7 @@ class SlotTable:
         return slot
 
     def unreserve(self, slot: int) -> None:
-        """The split write of ``slot`` is over: drop its pin (then :meth:`publish` or :meth:`release`)."""
+        """The split write of ``slot`` is over: drop its pin (then :meth:`publish` or :meth:`give_back`)."""
         self.state.pins.own[slot] -= 1
 
     def writing(self, slot: int, key: int) -> None:
@@ -152,6 +155,7 @@ class SlotTable:
         st = self.state
         old = st.index.get(key)
         if old is not None:
+            self._move_holds(old, slot)  # the new value is the one its holders keep
             self.drop(key, old)
             st.stats.counters[UPDATES] += self.count_stats
         else:
@@ -169,7 +173,7 @@ class SlotTable:
         st.policy.update(slot, priority)
         st.stats.counters[UPDATES] += self.count_stats
 
-    def release(self, slot: int) -> None:
+    def give_back(self, slot: int) -> None:
         """Hand a WRITING slot that was never published back to the free stack."""
         self.state.slot_state[slot] = FREE
         self.state.free.append(slot)
@@ -180,6 +184,8 @@ class SlotTable:
         del st.index[key]
         st.policy.remove(slot)
         st.scalars[REMOVED] += 1
+        if st.holds.count[slot]:
+            self._move_holds(slot, None)
         if st.pins.total(slot):
             st.slot_state[slot] = RETIRED
             st.scalars[RETIRED_COUNT] += 1
@@ -191,6 +197,48 @@ class SlotTable:
         """Remove every key."""
         for key, slot in list(self.state.index.items()):
             self.drop(key, slot)
+
+    # -- holds -----------------------------------------------------------------------------
+
+    def hold(self, slot: int, holder: int) -> None:
+        """``holder`` keeps ``slot``'s entry (a READY slot) until it lets go."""
+        holds = self.state.holds
+        row = holds.row(holder)
+        if not row[slot]:
+            row[slot] = 1
+            holds.count[slot] += 1
+
+    def let_go(self, holder: int) -> int:
+        """Release every hold of ``holder``; entries nobody holds any more are removed, as a
+        clear would remove them for that holder alone. Return how many were removed."""
+        st = self.state
+        row, count, keys = st.holds.row(holder), st.holds.count, st.slot_key
+        removed = 0
+        for slot in range(st.capacity):
+            if row[slot]:
+                row[slot] = 0
+                count[slot] -= 1
+                if not count[slot]:
+                    self.drop(keys[slot], slot)
+                    removed += 1
+        return removed
+
+    def _move_holds(self, src: int, dst: Optional[int]) -> None:
+        """Give ``src``'s holders to ``dst`` (a new slot of the same key), or drop them."""
+        holds = self.state.holds
+        for h in holds.holders_of(src):
+            row = holds.row(h)
+            row[src] = 0
+            if dst is not None and not row[dst]:
+                row[dst] = 1
+                holds.count[dst] += 1
+        holds.count[src] = 0
+
+    def _reap_dead_holders(self) -> None:
+        holds = self.state.holds
+        for h in holds.dead():
+            self.let_go(h)
+            holds.pid[h] = 0
 
     # -- reclaiming --------------------------------------------------------------------------
 
@@ -209,8 +257,10 @@ class SlotTable:
                     st.scalars[RETIRED_COUNT] -= 1
 
     def reap(self) -> List[int]:
-        """Drop the pins of dead worker processes and reclaim their slots; return their pids."""
+        """Drop the pins and holds of dead worker processes and reclaim their slots; return
+        their pids."""
         dead = self.state.reap_dead_workers()
+        self._reap_dead_holders()
         self.sweep()
         return dead
 
@@ -245,6 +295,14 @@ class SlotTable:
             elif states[slot] == RETIRED:
                 retired += 1
         st.policy.rebuild(live)
+        holds, ready = st.holds, set(live)
+        for slot in range(cap):
+            holders = holds.holders_of(slot)
+            if slot not in ready:
+                for h in holders:
+                    holds.row(h)[slot] = 0
+                holders = []
+            holds.count[slot] = len(holders)
         scalars = st.scalars
         scalars[RETIRED_COUNT] = retired
         scalars[INSERTED] = len(live) + scalars[EVICTED] + scalars[REMOVED]
@@ -255,8 +313,9 @@ class SlotTable:
     def occupancy(self) -> Occupancy:
         st = self.state
         pins = [st.pins.total(s) for s in range(st.capacity)]
+        held = sum(1 for s in range(st.capacity) if st.holds.count[s])
         return Occupancy(st.capacity, len(st.index), len(st.free), st.scalars[RETIRED_COUNT],
-                         sum(1 for p in pins if p), sum(pins))
+                         sum(1 for p in pins if p), sum(pins), held)
 
     def audit(self) -> None:
         """Verify the invariants above; raise :class:`InvariantError` on the first broken one."""
@@ -290,9 +349,15 @@ class SlotTable:
         require(all(pins[s] == 0 for s in free), "a free slot is pinned")
         order = st.policy.order()
         require(len(order) == len(live) and set(order) == live, "eviction order disagrees with the index")
+        holds = st.holds
+        for slot in range(cap):
+            holders = holds.holders_of(slot)
+            require(holds.count[slot] == len(holders), f"slot {slot}: hold count disagrees with its holders")
+            require(not holders or slot in live, f"slot {slot} is held but holds no entry")
+            require(all(holds.pid[h] for h in holders), f"slot {slot} is held by a holder that was removed")
         scalars = st.scalars
         require(scalars[INSERTED] - scalars[EVICTED] - scalars[REMOVED] == len(index),
                 "inserted - evicted - removed != len")
         if self.count_stats:
             s = st.stats.snapshot()
-            require(min(s.hits, s.misses, s.evictions, s.inserts, s.updates) >= 0, "negative counter")
+            require(min(s.hits, s.misses, s.evictions, s.inserts, s.updates, s.rejected) >= 0, "negative counter")

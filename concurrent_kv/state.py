@@ -26,7 +26,7 @@ from .cells import Cells, CountingArrays
 from .entry import EntrySpec
 from .eviction import EvictionPolicy
 from .shm import Segment, pid_alive, start_time
-from .stats import COUNTERS, EVICTIONS, HITS, INSERTS, MISSES, UPDATES, CacheStats, StatsSnapshot
+from .stats import COUNTERS, EVICTIONS, HITS, INSERTS, MISSES, REJECTED, UPDATES, CacheStats, StatsSnapshot
 
 __all__ = [
     "FREE", "WRITING", "READY", "RETIRED", "PoolState", "KeyIndex", "SlotStack", "PinTable",
@@ -93,6 +93,42 @@ class PinTable:
     __getitem__ = total  # the policies' is_pinned(slot)
 
 
+class HoldTable:
+    """Which holders (collectors) hold which slots, and who the holders are.
+
+    A holder keeps the entries it stored from eviction and from other holders' releases; an
+    entry goes when its last holder lets go (vLLM's block ``ref_cnt``, SGLang's ``lock_ref``).
+    ``rows[h][slot]`` is 1 when holder ``h`` holds ``slot`` (the truth); ``count[slot]`` is the
+    number of holders, derived from the rows so that eviction checks it in O(1). A holder is
+    registered to a process (``pid`` and its start time), so a dead process's holds are found.
+    """
+
+    def __init__(self, rows: List[Optional[Cells]], count: Cells, pid: Cells, started: Cells) -> None:
+        self.rows, self.count, self.pid, self.started = rows, count, pid, started
+
+    def holders_of(self, slot: int) -> List[int]:
+        return [h for h, row in enumerate(self.rows) if row is not None and row[slot]]
+
+    def row(self, holder: int) -> Cells:
+        row = self.rows[holder]
+        assert row is not None, "a claimed holder has a row"
+        return row
+
+    def claim(self, me: int, started: int) -> int:
+        """A free holder row for process ``me``; raises RuntimeError when all are taken."""
+        for h in range(len(self.rows)):
+            if self.pid[h] == 0:
+                self.pid[h], self.started[h] = me, started
+                if self.rows[h] is None:  # process memory: rows are made when first claimed
+                    self.rows[h] = [0] * len(self.count)
+                return h
+        raise RuntimeError(f"all {len(self.rows)} holder rows of this pool are taken")
+
+    def dead(self) -> List[int]:
+        """Holders whose process is gone (their holds are to be released)."""
+        return [h for h in range(len(self.rows)) if self.pid[h] and not pid_alive(self.pid[h], self.started[h])]
+
+
 class PoolState(Protocol):
     """What the slot table and the pool read and change; see :class:`LocalState`."""
 
@@ -104,6 +140,7 @@ class PoolState(Protocol):
     free: SlotStack
     scalars: Cells
     pins: PinTable
+    holds: HoldTable
     stats: CacheStats
     policy: EvictionPolicy
 
@@ -117,7 +154,7 @@ class LocalState:
 
     shared = False
 
-    def __init__(self, capacity: int, policy_cls: Type[EvictionPolicy]) -> None:
+    def __init__(self, capacity: int, policy_cls: Type[EvictionPolicy], max_holders: int = 64) -> None:
         self.capacity = capacity
         index: Dict[int, int] = {}
         self.index: KeyIndex = index
@@ -127,6 +164,7 @@ class LocalState:
         self.scalars: Cells = [0] * SCALAR_CELLS
         self.scalars[WORKER_ROWS] = 1
         self.pins = PinTable([[0] * capacity], self.scalars, 0)
+        self.holds = HoldTable([None] * max_holders, [0] * capacity, [0] * max_holders, [0] * max_holders)
         self.stats = CacheStats()
         self.policy = policy_cls(capacity)
 
@@ -274,6 +312,7 @@ class SharedStats(CacheStats):
     evictions = property(lambda self: int(self._rows[:, EVICTIONS].sum()))
     inserts = property(lambda self: int(self._rows[:, INSERTS].sum()))
     updates = property(lambda self: int(self._rows[:, UPDATES].sum()))
+    rejected = property(lambda self: int(self._rows[:, REJECTED].sum()))
 
     def snapshot(self) -> StatsSnapshot:
         return StatsSnapshot(*(int(x) for x in self._rows.sum(axis=0)))
@@ -307,7 +346,8 @@ class MetaLayout:
     """Where every structure of a shared pool's metadata lies in its segment: the one place
     offsets and sizes are computed. In order: scalars | index count | slot_key (u64) | slot_state |
     free stack | token sizes | hash table | worker pids | worker start times | pins (a row per
-    worker) | stats (a row per worker) | the policy's arrays (handed out in the order the policy
+    worker) | stats (a row per worker) | hold counts | holder pids and start times | holds (a row
+    per holder; as many holders as workers) | the policy's arrays (handed out in the order the policy
     asks for them, so every process finds the same)."""
 
     def __init__(self, capacity: int, policy_cls: Type[EvictionPolicy], spec: EntrySpec, max_workers: int) -> None:
@@ -327,6 +367,10 @@ class MetaLayout:
             ("worker_start", max_workers, "q"),
             ("pins", max_workers * capacity, "q"),
             ("stats", max_workers * len(COUNTERS), "q"),
+            ("hold_count", capacity, "q"),
+            ("holder_pid", max_workers, "q"),
+            ("holder_start", max_workers, "q"),
+            ("holds", max_workers * capacity, "q"),
             ("policy", counting.cells, "q"),
         ]
         self.regions: Dict[str, Region] = {}
@@ -379,6 +423,8 @@ class SharedState:
         self._stats_np = seg.array(regions["stats"].offset, max_workers * n_stats).reshape(max_workers, n_stats)
         self._pin_rows = [cells("pins", w * capacity, capacity) for w in range(max_workers)]
         self._stat_rows = [cells("stats", w * n_stats, n_stats) for w in range(max_workers)]
+        self.holds = HoldTable([cells("holds", h * capacity, capacity) for h in range(max_workers)],  # type: ignore[arg-type]
+                               cells("hold_count"), cells("holder_pid"), cells("holder_start"))
         cursor = [0]
 
         def arrays(length: int, fill: Union[int, float], kind: str) -> Cells:

@@ -36,7 +36,7 @@ def test_take_uses_free_slots_from_slot_zero_then_evicts_the_policy_victim(polic
     assert victim == 0
     assert t.state.index.get(10) is None and t.state.slot_state[0] == FREE
     assert t.state.stats.counters[EVICTIONS] == 1
-    t.release(victim)
+    t.give_back(victim)
     t.audit()
 
 
@@ -46,7 +46,7 @@ def test_take_skips_pinned_slots_and_the_kept_one() -> None:
         store(t, k)
     t.state.pins.own[0] += 1  # key 10 leased
     assert t.take(keep=1) == 2  # 10 pinned, 11 kept: 12 goes
-    t.release(2)
+    t.give_back(2)
     t.state.pins.own[0] -= 1
     t.audit()
 
@@ -106,7 +106,7 @@ def test_reserve_pins_a_writing_slot_until_unreserve_and_release() -> None:
     t.unreserve(slot)
     with pytest.raises(InvariantError, match="no writer"):
         t.audit()
-    t.release(slot)
+    t.give_back(slot)
     assert not t.any_writing()
     t.audit()
 
@@ -189,4 +189,71 @@ def test_disabled_stats_count_nothing() -> None:
     t = table(1, stats=False)
     store(t, 1)
     store(t, 2)  # evicts 1
-    assert list(t.state.stats.counters) == [0, 0, 0, 0, 0]
+    assert list(t.state.stats.counters) == [0, 0, 0, 0, 0, 0]
+
+
+def holder(t: SlotTable) -> int:
+    return t.state.holds.claim(1234, 0)
+
+
+def test_a_held_slot_is_skipped_by_eviction_like_a_leased_one() -> None:
+    t = table(2)
+    a, b = store(t, 1), store(t, 2)
+    h = holder(t)
+    t.hold(a, h)
+    assert t.take() == b  # key 1 is the FIFO victim but held: key 2 goes
+    t.give_back(b)
+    t.hold(a, h)  # holding twice is holding once
+    assert t.state.holds.count[a] == 1
+    assert store(t, 3) == b
+    t.state.pins.own[b] += 1  # key 1 held, key 3 leased: nothing can go
+    with pytest.raises(PoolExhaustedError):
+        t.take()
+
+
+def test_let_go_removes_only_entries_no_one_else_holds() -> None:
+    t = table(3)
+    a, b = store(t, 1), store(t, 2)
+    h1, h2 = holder(t), holder(t)
+    t.hold(a, h1), t.hold(b, h1), t.hold(b, h2)
+    assert t.let_go(h1) == 1
+    assert t.state.index.get(1) is None and t.state.index.get(2) == b
+    assert t.state.holds.count[b] == 1
+    t.audit()
+
+
+def test_publish_gives_the_old_slots_holders_to_the_new_slot_and_drop_clears_holds() -> None:
+    t = table(3)
+    old = store(t, 1)
+    h = holder(t)
+    t.hold(old, h)
+    t.state.pins.own[old] += 1  # leased: the rewrite goes to another slot
+    new = store(t, 1)
+    assert t.state.holds.holders_of(new) == [h] and t.state.holds.count[old] == 0
+    t.state.pins.own[old] -= 1
+    t.drop(1, new)
+    assert t.state.holds.count[new] == 0 and t.state.holds.holders_of(new) == []
+    t.sweep()
+    t.audit()
+
+
+def test_rebuild_recounts_holds_and_drops_those_on_freed_slots() -> None:
+    t = table(3)
+    a, b = store(t, 1), store(t, 2)
+    h = holder(t)
+    t.hold(a, h), t.hold(b, h)
+    t.state.holds.count[a] = 7  # torn by a crash
+    t.writing(b, 2)  # a crash mid-rewrite of key 2
+    t.rebuild()
+    assert t.state.holds.count[a] == 1 and t.state.holds.count[b] == 0
+    assert t.state.holds.holders_of(b) == []
+    t.audit()
+
+
+def test_audit_catches_a_hold_count_out_of_step() -> None:
+    t = table(2)
+    a = store(t, 1)
+    t.hold(a, holder(t))
+    t.state.holds.count[a] = 2
+    with pytest.raises(InvariantError, match="hold count"):
+        t.audit()

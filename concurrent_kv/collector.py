@@ -1,0 +1,172 @@
+"""``CollectorCaches``: one collector's view of a shared :class:`~concurrent_kv.KVCacheManager`.
+
+Several collectors (threads, worker processes, torchrun ranks) share one manager's recur pool,
+each as if it had the caches to itself:
+
+* **its own roots**: its env ids ``0 .. env_num-1`` map to the manager's init pools
+  ``first_env .. first_env+env_num-1``, which it claims exclusively, so no other collector's env
+  with the same index touches them;
+* **holds**: what it stores in the recur and wm pools it *holds*; a held entry is never evicted,
+  and its clears release only its own holds, so another collector's live search tree and roots
+  survive them. An entry two collectors stored (the same key) is one copy, kept until its last
+  holder lets go;
+* **a miss, never a crash**: when every slot is leased or held, a store is refused (the pool
+  counts it as ``rejected``) and returns -1; the next lookup of that key misses and the caller
+  recomputes, as after an eviction.
+
+Lookups see every live entry of the shared pools, whoever stored it; ``foreign_hits`` counts the
+hits on entries this collector did not store.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
+
+from .checks import positive_int
+from .errors import ClosedError, ConfigError, EnvIdError, PoolExhaustedError
+from .pool import KVCachePool
+
+if TYPE_CHECKING:
+    from .manager import KVCacheManager
+
+__all__ = ["CollectorCaches"]
+
+
+class CollectorCaches:
+    """The starting design's calls for one collector; see the module docstring."""
+
+    def __init__(self, manager: "KVCacheManager", first_env: int = 0, env_num: Optional[int] = None) -> None:
+        if isinstance(first_env, bool) or not isinstance(first_env, int) or first_env < 0:
+            raise ConfigError(f"first_env must be an int >= 0, got {first_env!r}")
+        count = manager.env_num - first_env if env_num is None else positive_int("env_num", env_num)
+        if count <= 0 or first_env + count > manager.env_num:
+            raise ConfigError(
+                f"envs [{first_env}, {first_env + max(count, 0)}) are not all among the manager's {manager.env_num}")
+        self.manager = manager
+        self.first_env = first_env
+        self.env_num = count
+        self.init_pools: List[KVCachePool] = manager.init_pools[first_env:first_env + count]
+        self.recur_pool = manager.recur_pool
+        self.wm_pool = manager.wm_pool
+        self._holder: Dict[str, int] = {}
+        self._stored: Dict[str, Set[int]] = {}  # keys this collector stored, for foreign_hits
+        self.foreign_hits = 0
+        self.rejected = 0
+        self._closed = False
+        try:
+            for pool in self.init_pools:
+                self._holder[pool.name] = pool.add_holder(exclusive=True)
+            for pool in (self.recur_pool, self.wm_pool):
+                self._holder[pool.name] = pool.add_holder()
+        except BaseException:
+            self.close()
+            raise
+        for name in self._holder:
+            self._stored[name] = set()
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def _init_pool(self, env_id: int) -> KVCachePool:
+        self._check_open()
+        if isinstance(env_id, bool) or not isinstance(env_id, int) or not 0 <= env_id < self.env_num:
+            raise EnvIdError(f"env_id must be an int in [0, {self.env_num}), got {env_id!r}")
+        return self.init_pools[env_id]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this collector's caches are closed")
+
+    def _get(self, pool: KVCachePool, key: int, out: Optional[Any]) -> Optional[Any]:
+        found = pool.get(key, out)
+        if found is not None and key not in self._stored[pool.name]:
+            self.foreign_hits += 1
+        return found
+
+    def _set(self, pool: KVCachePool, key: int, kv: Any, priority: Optional[float]) -> int:
+        try:
+            slot = pool.set(key, kv, priority, holder=self._holder[pool.name])
+        except PoolExhaustedError:
+            self.rejected += 1
+            return -1
+        self._stored[pool.name].add(key)
+        return slot
+
+    # -- the starting design's calls -----------------------------------------------------------
+
+    def get_init_cache(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        """A private copy of this collector's root entry of env ``env_id``, or None."""
+        return self._get(self._init_pool(env_id), cache_key, out)
+
+    def set_init_cache(self, env_id: int, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
+        """Store a root entry of env ``env_id``; its slot, or -1 if no slot could be had."""
+        return self._set(self._init_pool(env_id), cache_key, kv_cache, priority)
+
+    def get_recur_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        self._check_open()
+        return self._get(self.recur_pool, cache_key, out)
+
+    def set_recur_cache(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
+        """Store and hold a recur entry; its slot, or -1 if every slot is leased or held."""
+        self._check_open()
+        return self._set(self.recur_pool, cache_key, kv_cache, priority)
+
+    def get_wm_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        self._check_open()
+        return self._get(self.wm_pool, cache_key, out)
+
+    def set_wm_cache(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
+        self._check_open()
+        return self._set(self.wm_pool, cache_key, kv_cache, priority)
+
+    def hierarchical_get(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        """This collector's root pool of env ``env_id`` first, then the shared recur pool."""
+        found = self.get_init_cache(env_id, cache_key, out)
+        return found if found is not None else self.get_recur_cache(cache_key, out)
+
+    # -- clears release this collector's holds only ------------------------------------------------
+
+    def _release(self, pool: KVCachePool) -> int:
+        self._stored[pool.name].clear()
+        return pool.release(self._holder[pool.name])
+
+    def clear_init_caches(self, env_id: Optional[int] = None) -> None:
+        """Empty one of this collector's root pools, or all of them."""
+        self._check_open()
+        pools = self.init_pools if env_id is None else [self._init_pool(env_id)]
+        for pool in pools:
+            self._release(pool)
+
+    def clear_recur_cache(self) -> int:
+        """Let go of this collector's recur entries (UniZero clears once per search); entries
+        another collector also holds stay. Return how many entries were removed."""
+        self._check_open()
+        return self._release(self.recur_pool)
+
+    def clear_wm_cache(self) -> int:
+        self._check_open()
+        return self._release(self.wm_pool)
+
+    def clear_all(self) -> None:
+        self.clear_init_caches()
+        self.clear_recur_cache()
+        self.clear_wm_cache()
+
+    def close(self) -> None:
+        """Release every hold and retire this collector's holder ids. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for pool in [*self.init_pools, self.recur_pool, self.wm_pool]:
+            holder = self._holder.pop(pool.name, None)
+            if holder is not None and not pool.closed:
+                pool.remove_holder(holder)
+
+    def __enter__(self) -> "CollectorCaches":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"CollectorCaches(envs [{self.first_env}, {self.first_env + self.env_num}) of "
+                f"{self.manager.env_num}, foreign_hits={self.foreign_hits}, rejected={self.rejected})")
