@@ -5,7 +5,7 @@ each as if it had the caches to itself:
 
 * **its own roots**: its env ids ``0 .. env_num-1`` map to the manager's init pools
   ``first_env .. first_env+env_num-1``, which it claims exclusively, so no other collector's env
-  with the same index touches them;
+  with the same index touches them; they evict and clear as an unshared pool does;
 * **holds**: what it stores in the recur and wm pools it *holds*; a held entry is never evicted,
   and its clears release only its own holds, so another collector's live search tree and roots
   survive them. An entry two collectors stored (the same key) is one copy, kept until its last
@@ -82,9 +82,9 @@ class CollectorCaches:
             self.foreign_hits += 1
         return found
 
-    def _set(self, pool: KVCachePool, key: int, kv: Any, priority: Optional[float]) -> int:
+    def _set(self, pool: KVCachePool, key: int, kv: Any, priority: Optional[float], hold: bool = True) -> int:
         try:
-            slot = pool.set(key, kv, priority, holder=self._holder[pool.name])
+            slot = pool.set(key, kv, priority, holder=self._holder[pool.name] if hold else None)
         except PoolExhaustedError:
             self.rejected += 1
             return -1
@@ -98,8 +98,9 @@ class CollectorCaches:
         return self._get(self._init_pool(env_id), cache_key, out)
 
     def set_init_cache(self, env_id: int, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
-        """Store a root entry of env ``env_id``; its slot, or -1 if no slot could be had."""
-        return self._set(self._init_pool(env_id), cache_key, kv_cache, priority)
+        """Store a root entry of env ``env_id`` (the pool is this collector's alone, so it evicts
+        as usual); its slot, or -1 if every slot is leased."""
+        return self._set(self._init_pool(env_id), cache_key, kv_cache, priority, hold=False)
 
     def get_recur_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
         self._check_open()
@@ -134,7 +135,8 @@ class CollectorCaches:
         self._check_open()
         pools = self.init_pools if env_id is None else [self._init_pool(env_id)]
         for pool in pools:
-            self._release(pool)
+            self._stored[pool.name].clear()
+            pool.clear()
 
     def clear_recur_cache(self) -> int:
         """Let go of this collector's recur entries (UniZero clears once per search); entries

@@ -9,7 +9,13 @@
   views that turn a token back into its staged entry;
 * the copy helpers (``custom_copy_kv_cache_to_shared_*``) stop copying: the maps do it, once.
 
-``clear_caches()`` and the world model's own per-search ``.clear()`` then clear our pools. Keys
+The maps go through one collector's view of the manager
+(:class:`~concurrent_kv.collector.CollectorCaches`): the world model's env ``i`` is the
+collector's root pool ``i``, what it stores in the recur pool it holds, and ``clear_caches()`` or
+the world model's own per-search ``.clear()`` release only its own entries, so several world
+models (worker processes, torchrun ranks) share one ``shared=True`` manager without wiping each
+other's search trees. A lookup that misses (an entry refused because every slot was held) makes
+the world model recompute, where LightZero 0.2.0 would index its slot list with ``None``. Keys
 may be LightZero 0.2.0's hex strings or the int digests of later versions.
 
 Modes (LightZero's roll-out plan):
@@ -30,6 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
+from ..collector import CollectorCaches
 from ..entry import EntrySpec, KeysValues, entry_tensors
 from ..errors import ConcurrentKVError, ConfigError
 from ..manager import KVCacheManager
@@ -148,16 +155,44 @@ class _Staging:
         return entry
 
 
-class _PoolMap:
-    """Stands where a key -> slot dict was; backed by one of our pools."""
+class _Route:
+    """One of a collector's caches, as a world-model dict uses it: the root pool of env
+    ``env_id``, or the shared recur pool when ``env_id`` is None."""
 
-    def __init__(self, pool: KVCachePool, staging: _Staging) -> None:
-        self._pool = pool
+    def __init__(self, collector: CollectorCaches, env_id: Optional[int]) -> None:
+        self.collector, self.env_id = collector, env_id
+        self.pool: KVCachePool = collector.recur_pool if env_id is None else collector.init_pools[env_id]
+
+    def get(self, key: int, out: Optional[Any]) -> Optional[Any]:
+        c = self.collector
+        return c.get_recur_cache(key, out) if self.env_id is None else c.get_init_cache(self.env_id, key, out)
+
+    def set(self, key: int, kv: Any) -> None:
+        c = self.collector
+        if self.env_id is None:
+            c.set_recur_cache(key, kv)
+        else:
+            c.set_init_cache(self.env_id, key, kv)
+
+    def clear(self) -> None:
+        c = self.collector
+        if self.env_id is None:
+            c.clear_recur_cache()
+        else:
+            c.clear_init_caches(self.env_id)
+
+
+class _PoolMap:
+    """Stands where a key -> slot dict was; backed by one of a collector's caches."""
+
+    def __init__(self, route: _Route, staging: _Staging) -> None:
+        self._route = route
+        self._pool = route.pool
         self._staging = staging
 
     def get(self, key: Any, default: Any = None) -> Any:
         buf = self._staging.candidate(self._pool.entry_spec)
-        entry = self._pool.get(_key(key), out=buf)
+        entry = self._route.get(_key(key), buf)
         if entry is None:
             return default
         if buf is not None:
@@ -165,7 +200,7 @@ class _PoolMap:
         return _Token(entry)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._pool.set(_key(key), value.kv if isinstance(value, _Pending) else value)
+        self._route.set(_key(key), value.kv if isinstance(value, _Pending) else value)
 
     def __getitem__(self, key: Any) -> Any:
         token = self.get(key)
@@ -184,7 +219,7 @@ class _PoolMap:
             raise KeyError(key)
 
     def clear(self) -> None:
-        self._pool.clear()
+        self._route.clear()
 
     def __len__(self) -> int:
         return len(self._pool)
@@ -197,12 +232,14 @@ class _PoolMap:
 
 
 class _TokenSlots:
-    """Stands where a slot list was: indexing with a map's token gives the staged entry."""
+    """Stands where a slot list was: indexing with a map's token gives the staged entry.
+
+    LightZero 0.2.0 indexes the recur list with the dict's answer even on a miss
+    (``shared_pool_recur_infer[None]``): a miss gives None here, so the world model takes its
+    generate path and recomputes instead of raising."""
 
     def __getitem__(self, token: Any) -> Any:
-        if token is None:
-            raise TypeError("list indices must be integers or slices, not NoneType")  # as the list did
-        return token.entry
+        return None if token is None else token.entry
 
     def __len__(self) -> int:
         return 0
@@ -231,21 +268,21 @@ class _CheckedMap:
     """Validate mode: the original dict drives the model; our pool mirrors every write, and
     every lookup is answered by both and compared."""
 
-    def __init__(self, original: Dict[Any, int], slots: List[Any], pool: KVCachePool, staging: _Staging,
+    def __init__(self, original: Dict[Any, int], slots: List[Any], route: _Route, staging: _Staging,
                  adapter: "LightZeroCacheAdapter", name: str) -> None:
-        self._orig, self._slots, self._pool, self._staging = original, slots, pool, staging
+        self._orig, self._slots, self._route, self._pool, self._staging = original, slots, route, route.pool, staging
         self._adapter, self._name = adapter, name
 
     def get(self, key: Any, default: Any = None) -> Any:
         index = self._orig.get(key)
         buf = self._staging.candidate(self._pool.entry_spec)
-        ours = self._pool.get(_key(key), out=buf)
+        ours = self._route.get(_key(key), buf)
         self._adapter._compare(self._name, key, None if index is None else self._slots[index], ours)
         return default if index is None else index
 
     def __setitem__(self, key: Any, index: int) -> None:
         self._orig[key] = index
-        self._pool.set(_key(key), self._slots[index])  # the original helper just filled it
+        self._route.set(_key(key), self._slots[index])  # the original helper just filled it
 
     def __getitem__(self, key: Any) -> int:
         return self._orig[key]
@@ -259,7 +296,7 @@ class _CheckedMap:
 
     def clear(self) -> None:
         self._orig.clear()
-        self._pool.clear()
+        self._route.clear()
 
     def __len__(self) -> int:
         return len(self._orig)
@@ -275,13 +312,17 @@ class LightZeroCacheAdapter:
     """The link between one world model and one manager; see the module docstring."""
 
     def __init__(self, world_model: Any, manager: KVCacheManager, on_mismatch: str = "raise",
-                 compare: str = "equal", rtol: float = 1e-5, atol: float = 1e-8) -> None:
+                 compare: str = "equal", rtol: float = 1e-5, atol: float = 1e-8,
+                 collector: Optional[CollectorCaches] = None) -> None:
         if on_mismatch not in ("raise", "log"):
             raise ConfigError(f"on_mismatch must be 'raise' or 'log', got {on_mismatch!r}")
         if compare not in ("equal", "allclose"):
             raise ConfigError(f"compare must be 'equal' or 'allclose', got {compare!r}")
         self.world_model = world_model
         self.manager = manager
+        #: This world model's view of the manager: its root pools, its holds in the recur pool.
+        self.collector = collector if collector is not None else manager.collector(
+            0, len(world_model.past_kv_cache_init_infer_envs))
         self.on_mismatch = on_mismatch
         self.compare = compare
         self.rtol, self.atol = float(rtol), float(atol)
@@ -305,7 +346,7 @@ class LightZeroCacheAdapter:
         wm = self.world_model
         self._restore()
         wm.clear_caches() if hasattr(wm, "clear_caches") else None
-        self.manager.clear_all()
+        self.collector.clear_all()  # this world model's entries only: other collectors keep theirs
         if mode in ("new", "switch_over"):
             self._install_new()
             if mode == "switch_over":
@@ -327,10 +368,10 @@ class LightZeroCacheAdapter:
                 self.world_model.__dict__.pop(name, None)
 
     def _install_new(self) -> None:
-        wm, m, staging = self.world_model, self.manager, self._staging
-        wm.past_kv_cache_init_infer_envs = [_PoolMap(p, staging) for p in m.init_pools]
-        wm.past_kv_cache_recurrent_infer = _PoolMap(m.recur_pool, staging)
-        wm.shared_pool_init_infer = [_TokenSlots() for _ in m.init_pools]
+        wm, c, staging = self.world_model, self.collector, self._staging
+        wm.past_kv_cache_init_infer_envs = [_PoolMap(_Route(c, e), staging) for e in range(c.env_num)]
+        wm.past_kv_cache_recurrent_infer = _PoolMap(_Route(c, None), staging)
+        wm.shared_pool_init_infer = [_TokenSlots() for _ in range(c.env_num)]
         wm.shared_pool_recur_infer = _TokenSlots()
         wm.shared_pool_wm = _TokenSlots()
         wm.custom_copy_kv_cache_to_shared_init_envs = lambda src_kv, env_id: _Pending(src_kv)
@@ -338,18 +379,25 @@ class LightZeroCacheAdapter:
         wm.custom_copy_kv_cache_to_shared_wm = lambda src_kv: src_kv if staging.owns(src_kv) else staging.copy_in(src_kv)
 
     def _install_validation(self) -> None:
-        wm, m, orig = self.world_model, self.manager, self._original
+        wm, c, orig = self.world_model, self.collector, self._original
         wm.past_kv_cache_init_infer_envs = [
-            _CheckedMap(d, orig["shared_pool_init_infer"][i], m.init_pools[i], self._staging, self, f"init_env{i}")
+            _CheckedMap(d, orig["shared_pool_init_infer"][i], _Route(c, i), self._staging, self, f"init_env{i}")
             for i, d in enumerate(orig["past_kv_cache_init_infer_envs"])
         ]
         wm.past_kv_cache_recurrent_infer = _CheckedMap(
-            orig["past_kv_cache_recurrent_infer"], orig["shared_pool_recur_infer"], m.recur_pool, self._staging,
+            orig["past_kv_cache_recurrent_infer"], orig["shared_pool_recur_infer"], _Route(c, None), self._staging,
             self, "recurrent")
 
     def detach(self) -> None:
         """Give the world model its own caches back (not possible after ``switch_over``)."""
         self.set_mode("original")
+
+    def close(self) -> None:
+        """Give the world model its own caches back where possible and release this world
+        model's entries and claims in the manager (its root pools, its holds)."""
+        if self.mode != "switch_over":
+            self.set_mode("original")
+        self.collector.close()
 
     # -- validation ----------------------------------------------------------------------
 
@@ -439,12 +487,16 @@ def attach(
     compare: str = "equal",
     rtol: float = 1e-5,
     atol: float = 1e-8,
+    first_env: int = 0,
 ) -> LightZeroCacheAdapter:
     """Attach a manager to a live UniZero ``world_model``; return the adapter.
 
     ``manager`` defaults to a new one sized like the world model's own pools (``shared=True``
     puts it in shared memory). ``mode`` defaults to ``"new"`` when the world model's config has
-    ``use_new_cache_manager=True``, else ``"original"`` (LightZero's default).
+    ``use_new_cache_manager=True``, else ``"original"`` (LightZero's default). The world model is
+    one collector of the manager (see :meth:`KVCacheManager.collector`): its envs are the
+    manager's init pools ``first_env, first_env+1, ...``; give each world model sharing a manager
+    its own range.
     """
     _check_seams(world_model)
     if mode is not None and mode not in MODES:
@@ -467,12 +519,15 @@ def attach(
         )
     elif not isinstance(manager, KVCacheManager):
         raise ConfigError(f"manager must be a KVCacheManager, got {type(manager).__name__}")
-    if manager.env_num < len(world_model.past_kv_cache_init_infer_envs):
+    envs = len(world_model.past_kv_cache_init_infer_envs)
+    if isinstance(first_env, bool) or not isinstance(first_env, int) or first_env < 0 \
+            or manager.env_num < first_env + envs:
         raise ConfigError(
-            f"manager has {manager.env_num} init pools; the world model has "
-            f"{len(world_model.past_kv_cache_init_infer_envs)} environments"
+            f"manager has {manager.env_num} init pools; the world model's {envs} environments from "
+            f"first_env={first_env!r} do not fit"
         )
-    adapter = LightZeroCacheAdapter(world_model, manager, on_mismatch, compare, rtol, atol)
+    adapter = LightZeroCacheAdapter(world_model, manager, on_mismatch, compare, rtol, atol,
+                                    collector=manager.collector(first_env, envs))
     if mode is None:
         mode = "new" if bool(getattr(config, "use_new_cache_manager", False)) else "original"
     if mode != "original":

@@ -79,8 +79,8 @@ def _corrupt_every_recur_write(adapter) -> None:
     pool = adapter.manager.recur_pool
     original_set = pool.set
 
-    def corrupting_set(key, kv, priority=None):
-        slot = original_set(key, kv, priority)
+    def corrupting_set(key, kv, priority=None, **kwargs):
+        slot = original_set(key, kv, priority, **kwargs)
         pool._storage.block[slot].add_(1.0)
         return slot
 
