@@ -39,11 +39,13 @@ import torch
 from ..collector import CollectorCaches
 from ..entry import EntrySpec, KeysValues, entry_tensors
 from ..errors import ConcurrentKVError, ConfigError
-from ..manager import KVCacheManager
+from ..checks import boolean, instance_of, non_negative_int
+from ..manager import KVCacheManager, ManagerHandle
 from ..pool import KVCachePool
 
 __all__ = [
     "attach",
+    "enable",
     "LightZeroCacheAdapter",
     "IntegrationError",
     "ValidationMismatchError",
@@ -477,6 +479,58 @@ def _check_seams(world_model: Any) -> None:
         )
 
 
+def _env_count(world_model: Any) -> int:
+    """How many environments a world model keeps root caches for (its config's ``env_num``)."""
+    return len(world_model.past_kv_cache_init_infer_envs)
+
+
+def _new_manager(world_models: List[Any], shared: bool, first_env: int = 0) -> KVCacheManager:
+    """A manager sized like these world models' own pools together: one init pool per env of
+    each (after ``first_env`` unused ones), a recur and a wm pool as large as all of theirs."""
+    first = world_models[0]
+    config = getattr(first, "config", None)
+    device = torch.device(getattr(config, "device", "cpu") or "cpu")
+    # Shared pools live in host memory: a CUDA model's pools are shaped by its first entry.
+    spec = EntrySpec.for_transformer(config) if config is not None and device.type == "cpu" else None
+    sizes = {
+        "init_pool_size": len(first.shared_pool_init_infer[0]),
+        "recur_pool_size": sum(len(wm.shared_pool_recur_infer) for wm in world_models),
+        "wm_pool_size": sum(len(wm.shared_pool_wm) for wm in world_models),
+    }
+    return KVCacheManager(sizes, first_env + sum(_env_count(wm) for wm in world_models),
+                          shared=shared, entry_spec=spec)
+
+
+def _check_mode(mode: Optional[str]) -> None:
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES} or None, got {mode!r}")
+
+
+def _attach_one(world_model: Any, manager: KVCacheManager, mode: Optional[str], first_env: int,
+                **compare: Any) -> LightZeroCacheAdapter:
+    """Make ``world_model`` the collector of envs ``first_env..`` of ``manager``; on any failure
+    undo what was done (the collector's claims), so a caller's manager is left as it was."""
+    envs = _env_count(world_model)
+    if manager.env_num < first_env + envs:
+        raise ConfigError(
+            f"manager has {manager.env_num} init pools; the world model's {envs} environments from "
+            f"first_env={first_env} do not fit"
+        )
+    if mode is None:
+        config = getattr(world_model, "config", None)
+        mode = "new" if bool(getattr(config, "use_new_cache_manager", False)) else "original"
+    collector = manager.collector(first_env, envs)
+    adapter: Optional[LightZeroCacheAdapter] = None
+    try:
+        adapter = LightZeroCacheAdapter(world_model, manager, collector=collector, **compare)
+        if mode != "original":
+            adapter.set_mode(mode)
+        return adapter
+    except BaseException:
+        adapter.close() if adapter is not None else collector.close()
+        raise
+
+
 def attach(
     world_model: Any,
     manager: Optional[KVCacheManager] = None,
@@ -499,37 +553,87 @@ def attach(
     its own range.
     """
     _check_seams(world_model)
-    if mode is not None and mode not in MODES:
-        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
-    config = getattr(world_model, "config", None)
-    if manager is None:
-        env_num = len(world_model.past_kv_cache_init_infer_envs)
-        device = torch.device(getattr(config, "device", "cpu") or "cpu")
-        # Shared pools live in host memory: a CUDA model's pools are shaped by its first entry.
-        spec = EntrySpec.for_transformer(config) if config is not None and device.type == "cpu" else None
-        manager = KVCacheManager(
-            {
-                "init_pool_size": len(world_model.shared_pool_init_infer[0]),
-                "recur_pool_size": len(world_model.shared_pool_recur_infer),
-                "wm_pool_size": len(world_model.shared_pool_wm),
-            },
-            env_num,
-            shared=shared,
-            entry_spec=spec,
+    _check_mode(mode)
+    non_negative_int("first_env", first_env)
+    boolean("shared", shared)
+    owned = manager is None
+    target = _new_manager([world_model], shared, first_env) if manager is None else \
+        instance_of("manager", manager, KVCacheManager)
+    try:
+        return _attach_one(world_model, target, mode, first_env, on_mismatch=on_mismatch, compare=compare,
+                           rtol=rtol, atol=atol)
+    except BaseException:
+        if owned:  # never leave a manager (shared-memory segments) nobody holds
+            target.close()
+        raise
+
+
+def _policy_world_models(policy: Any) -> List[Any]:
+    """The world models a UniZero policy searches with, each once: the collect model's, then the
+    eval model's where it is another object. With LightZero's usual ``enable_field`` (learn,
+    collect, eval) both are ``policy._model``, so this is one world model. The target model's
+    (``policy._target_model``) is a learner-side deep copy for reanalysis and is left alone."""
+    if policy is None or isinstance(policy, type):
+        raise IntegrationError(f"enable needs a UniZero policy instance, got {policy!r}")
+    found: List[Any] = []
+    for name in ("_collect_model", "_eval_model"):
+        world_model = getattr(getattr(policy, name, None), "world_model", None)
+        if world_model is not None and all(world_model is not w for w in found):
+            found.append(world_model)
+    if not found:
+        raise IntegrationError(
+            f"{type(policy).__name__} is not a UniZero policy with a collect or eval model: no "
+            "_collect_model.world_model or _eval_model.world_model (pass the policy object itself, created "
+            "with 'collect' or 'eval' in enable_field, not policy.collect_mode)"
         )
-    elif not isinstance(manager, KVCacheManager):
-        raise ConfigError(f"manager must be a KVCacheManager, got {type(manager).__name__}")
-    envs = len(world_model.past_kv_cache_init_infer_envs)
-    if isinstance(first_env, bool) or not isinstance(first_env, int) or first_env < 0 \
-            or manager.env_num < first_env + envs:
-        raise ConfigError(
-            f"manager has {manager.env_num} init pools; the world model's {envs} environments from "
-            f"first_env={first_env!r} do not fit"
-        )
-    adapter = LightZeroCacheAdapter(world_model, manager, on_mismatch, compare, rtol, atol,
-                                    collector=manager.collector(first_env, envs))
-    if mode is None:
-        mode = "new" if bool(getattr(config, "use_new_cache_manager", False)) else "original"
-    if mode != "original":
-        adapter.set_mode(mode)
-    return adapter
+    for world_model in found:
+        _check_seams(world_model)
+    return found
+
+
+def enable(
+    policy: Any,
+    manager: Optional[KVCacheManager] = None,
+    *,
+    handle: Optional[ManagerHandle] = None,
+    first_env: int = 0,
+    mode: Optional[str] = "new",
+    shared: bool = False,
+) -> List[LightZeroCacheAdapter]:
+    """Route a UniZero policy's KV caches through one manager, in one call; return the adapters
+    (one per distinct world model: the collect model's, then the eval model's if it is another).
+
+    The manager is ``manager``, or the shared one behind ``handle`` (a worker process given
+    :meth:`KVCacheManager.handle` by its launcher), or else a new one sized like the policy's own
+    pools (``shared=True`` puts it in shared memory). Each world model takes the next range of
+    the manager's init pools from ``first_env``: a worker process ``i`` of a launcher running
+    ``E`` envs per collector passes ``first_env=i * E``. Close every adapter when done; a manager
+    that ``enable`` created or attached (``adapters[0].manager``) is the caller's to close too.
+    """
+    world_models = _policy_world_models(policy)
+    _check_mode(mode)
+    non_negative_int("first_env", first_env)
+    boolean("shared", shared)
+    if manager is not None and handle is not None:
+        raise ConfigError("give enable() a manager or a handle, not both")
+    if manager is not None:
+        instance_of("manager", manager, KVCacheManager)
+        if shared and not manager.shared:
+            raise ConfigError("shared=True, but the manager given is not in shared memory")
+    owned = manager is None
+    if handle is not None:
+        manager = KVCacheManager.attach(handle)
+    elif manager is None:
+        manager = _new_manager(world_models, shared, first_env)
+    adapters: List[LightZeroCacheAdapter] = []
+    try:
+        for world_model in world_models:
+            adapters.append(_attach_one(world_model, manager, mode, first_env))
+            first_env += _env_count(world_model)
+    except BaseException:
+        for adapter in adapters:
+            adapter.close()
+        if owned:
+            manager.close()
+        raise
+    return adapters
