@@ -1,4 +1,4 @@
-"""Command line: ``python -m concurrent_kv demo``."""
+"""Command line: ``python -m concurrent_kv demo`` (and ``collect``: :mod:`concurrent_kv.collect_cli`)."""
 
 from __future__ import annotations
 
@@ -100,11 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--recur-clear", choices=["auto", "global", "own", "none"], default="auto")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .collect_cli import register_collect  # real LightZero collectors: their own module
+
+    register_collect(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(args, "handler"):  # a subcommand that runs itself (collect)
+        return args.handler(args)
     cfg = WorkloadConfig(
         env_num=args.envs,
         collectors=args.collectors,

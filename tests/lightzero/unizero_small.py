@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from easydict import EasyDict
 
+from concurrent_kv.integrations.lightzero_collect import randomize_zero_heads
+
 ENV_NUM = 3
 NUM_SIM = 4
 OBS_DIM = 4
@@ -47,14 +49,7 @@ def build_model(seed: int = 0, **config: Any) -> Any:
     model = UniZeroModel(observation_shape=OBS_DIM, action_space_size=ACTIONS, norm_type="BN",
                          world_model_cfg=world_model_config(**config))
     model.eval()
-    wm = model.world_model
-    g = torch.Generator().manual_seed(seed + 1)
-    for head in (wm.head_policy, wm.head_value, wm.head_rewards, wm.head_observations):
-        for layer in reversed(head.head_module):
-            if isinstance(layer, torch.nn.Linear):
-                with torch.no_grad():
-                    layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.5)
-                break
+    randomize_zero_heads(model.world_model, seed + 1)
     return model
 
 
