@@ -120,7 +120,7 @@ def test_collect_command_without_lightzero_or_with_bad_options_exits_2(capsys, m
 
 
 def _phase(phase: str, **extra: int) -> PhaseResult:
-    reports = [dict(index=i, first_env=2 * i, envs=2, steps=50, elapsed_s=2.0, root_hits=40, root_queries=50,
+    reports = [dict(index=i, first_env=2 * i, envs=2, steps=50, elapsed_s=2.0, cpu_s=1.0, root_hits=40, root_queries=50,
                     recur_hits=190, recur_queries=200, **extra) for i in range(2)]
     return PhaseResult(phase, reports, kv_bytes=4096)
 
@@ -130,7 +130,7 @@ def test_the_report_shows_both_phases_and_their_ratio() -> None:
     shared.pools = {"recurrent": dict(capacity=8, hits=5, misses=1, hit_rate=5 / 6, inserts=4, updates=0,
                                       evictions=0, rejected=1)}
     text = report(CollectSettings(), _phase("lightzero"), shared)
-    assert "1.00x env steps/s" in text and "50.0" in text and "foreign hits" in text
+    assert "1.00x env steps/s, 1.00x env steps per CPU second" in text and "50.0" in text and "foreign hits" in text
     assert "recomputed by the world model: 40" in text and "refused (every slot held): 1" in text
     assert "another collector wrote: 6" in text
-    assert shared.as_dict()["steps_per_s"] == 50.0 and shared.ok
+    assert shared.as_dict()["steps_per_s"] == 50.0 and shared.steps_per_cpu_s == 50.0 and shared.ok

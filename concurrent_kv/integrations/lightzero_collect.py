@@ -272,12 +272,12 @@ def _run(settings: CollectSettings, index: int, phase: str, handle: Optional[Man
         for gate in gates:  # every collector warm; the launcher zeroes the pools' counters; go
             gate.wait(600)
         meter.arm(None if settings.steps else settings.seconds, settings.steps_per_collector)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         _collect_until_stopped(collector, settings.envs)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         after, foreign_after = _counters(world_model), _foreign(adapters)
         result = {"index": index, "phase": phase, "first_env": index * settings.envs, "envs": settings.envs,
-                  "steps": meter.steps, "forwards": meter.forwards, "elapsed_s": elapsed,
+                  "steps": meter.steps, "forwards": meter.forwards, "elapsed_s": elapsed, "cpu_s": cpu,
                   **{k: after[k] - before[k] for k in after}}
         if adapters:
             result.update({k: foreign_after[k] - foreign_before[k] for k in foreign_after})

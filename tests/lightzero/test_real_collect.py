@@ -101,7 +101,7 @@ def test_collect_command_runs_both_phases_and_leaves_no_shared_memory(tmp_path) 
     for phase in ("lightzero", "shared"):
         p = data["phases"][phase]
         assert [r["index"] for r in p["reports"]] == [0, 1] and p["errors"] == []
-        assert p["steps"] >= 16 and p["steps_per_s"] > 0
+        assert p["steps"] >= 16 and p["steps_per_s"] > 0 and p["steps_per_cpu_s"] > 0
         assert all(r["recur_queries"] > 0 for r in p["reports"])
     shared, legacy = data["phases"]["shared"], data["phases"]["lightzero"]
     assert [r["first_env"] for r in shared["reports"]] == [0, 2]
