@@ -66,8 +66,8 @@ class PhaseResult:
 
     @property
     def steps_per_cpu_s(self) -> float:
-        """Env steps per second of the collectors' own CPU time: what other tenants of a busy
-        machine change least (they stretch wall time, not the work a step takes)."""
+        """Env steps per second of the collectors' own CPU time: less sensitive than wall time to
+        other jobs on a busy machine, though not immune (shared CPU caches, a VM's stolen time)."""
         cpu = sum(r.get("cpu_s", 0.0) for r in self.reports)
         return self.total("steps") / cpu if cpu else 0.0
 

@@ -21,7 +21,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,7 +29,7 @@ from ..checks import boolean, non_negative_int, positive_int
 from ..entry import EntrySpec
 from ..errors import ConfigError
 from ..manager import KVCacheManager, ManagerHandle
-from .lightzero import enable
+from .lightzero import LightZeroCacheAdapter, enable
 
 __all__ = ["CollectSettings", "ENVS", "PHASES", "LIGHTZERO_INIT_SLOTS", "entry_spec", "shared_manager",
            "randomize_zero_heads", "build_policy", "build_collector", "worker_main",
@@ -257,33 +257,40 @@ def _foreign(adapters: Any) -> Dict[str, int]:
             "rejected": sum(a.collector.rejected for a in adapters)}
 
 
+def _timed(settings: CollectSettings, collector: Any, meter: _Meter, world_model: Any, adapters: Any,
+           gates: Tuple[Any, Any]) -> Dict[str, Any]:
+    """Wait for every collector, collect for the run's length; what the timed part did."""
+    before, foreign_before = _counters(world_model), _foreign(adapters)
+    for gate in gates:  # every collector warm; the launcher zeroes the pools' counters; go
+        gate.wait(600)
+    meter.arm(None if settings.steps else settings.seconds, settings.steps_per_collector)
+    start, cpu = time.perf_counter(), time.process_time()
+    _collect_until_stopped(collector, settings.envs)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    after, foreign_after = _counters(world_model), _foreign(adapters)
+    result = {"steps": meter.steps, "forwards": meter.forwards, "elapsed_s": elapsed, "cpu_s": cpu,
+              **{k: after[k] - before[k] for k in after}}
+    if adapters:
+        result.update({k: foreign_after[k] - foreign_before[k] for k in foreign_after})
+    else:  # the world model's slot lists are its own only without adapters
+        result["legacy_pool_bytes"] = legacy_pool_bytes(world_model)
+    return result
+
+
 def _run(settings: CollectSettings, index: int, phase: str, handle: Optional[ManagerHandle], progress: Any,
          gates: Tuple[Any, Any]) -> Dict[str, Any]:
     torch.set_num_threads(settings.threads)
     collector, policy = build_collector(settings, index)
     meter = _Meter(progress, index)
     collector._policy = collector._policy._replace(forward=meter.wrap(collector._policy.forward))
-    adapters = enable(policy, handle=handle, first_env=index * settings.envs) if phase == "shared" else []
+    adapters: List[LightZeroCacheAdapter] = []
     try:
+        if phase == "shared":
+            adapters = enable(policy, handle=handle, first_env=index * settings.envs)
         meter.arm(None, WARMUP_FORWARDS * settings.envs)
         _collect_until_stopped(collector, settings.envs)
-        world_model = policy._collect_model.world_model
-        before, foreign_before = _counters(world_model), _foreign(adapters)
-        for gate in gates:  # every collector warm; the launcher zeroes the pools' counters; go
-            gate.wait(600)
-        meter.arm(None if settings.steps else settings.seconds, settings.steps_per_collector)
-        start, cpu = time.perf_counter(), time.process_time()
-        _collect_until_stopped(collector, settings.envs)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-        after, foreign_after = _counters(world_model), _foreign(adapters)
-        result = {"index": index, "phase": phase, "first_env": index * settings.envs, "envs": settings.envs,
-                  "steps": meter.steps, "forwards": meter.forwards, "elapsed_s": elapsed, "cpu_s": cpu,
-                  **{k: after[k] - before[k] for k in after}}
-        if adapters:
-            result.update({k: foreign_after[k] - foreign_before[k] for k in foreign_after})
-        else:  # the world model's slot lists are its own only without adapters
-            result["legacy_pool_bytes"] = legacy_pool_bytes(world_model)
-        return result
+        result = _timed(settings, collector, meter, policy._collect_model.world_model, adapters, gates)
+        return {"index": index, "phase": phase, "first_env": index * settings.envs, "envs": settings.envs, **result}
     finally:
         for adapter in adapters:
             adapter.close()
