@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from concurrent_kv import KVCachePool
-from concurrent_kv.integrations.legacy import LegacyPriorityPool, LegacyRingPool
+from concurrent_kv.testing.legacy import LegacyPriorityPool, LegacyRingPool
 from concurrent_kv.workload import fill_entry, verify_entry
 
 from .helpers import SMALL
