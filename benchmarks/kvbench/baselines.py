@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
 import multiprocessing as mp
 import queue
 import threading
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, MutableMapping, Optional, Sequence
 
 from concurrent_kv.testing.legacy import LegacyRingPool
 
@@ -28,44 +29,45 @@ NOTES = [
 RAY_TIMEOUT_S = 300
 
 
-class DictLockPool:
-    """The simplest thread-safe pool: a dict of clones under one ``threading.Lock``, FIFO-bounded.
-    Writes clone under the lock; reads clone under the lock (a private copy, like our ``get``)."""
+class _LockedClones:
+    """Clones of entries in a mapping behind one ``threading.Lock``: reads clone under the lock
+    (a private copy, like our ``get``); subclasses decide how writes evict."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._d: Dict[int, Any] = {}
+    def __init__(self, store: MutableMapping[int, Any]) -> None:
+        self._store = store
         self._lock = threading.Lock()
-
-    def set(self, key: int, kv: Any) -> None:
-        with self._lock:
-            if key not in self._d and len(self._d) >= self.capacity:
-                del self._d[next(iter(self._d))]  # oldest insertion
-            self._d[key] = kv.clone()
 
     def get(self, key: int) -> Optional[Any]:
         with self._lock:
-            kv = self._d.get(key)
+            kv = self._store.get(key)
             return None if kv is None else kv.clone()
 
 
-class CachetoolsPool:
-    """``cachetools.LRUCache`` of clones behind a ``threading.Lock`` (cachetools is not thread-safe)."""
+class DictLockPool(_LockedClones):
+    """The simplest thread-safe pool: a dict of clones under one lock, FIFO-bounded."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__({})
+        self.capacity = capacity
+
+    def set(self, key: int, kv: Any) -> None:
+        with self._lock:
+            if key not in self._store and len(self._store) >= self.capacity:
+                del self._store[next(iter(self._store))]  # oldest insertion
+            self._store[key] = kv.clone()
+
+
+class CachetoolsPool(_LockedClones):
+    """``cachetools.LRUCache`` of clones behind a lock (cachetools is not thread-safe)."""
 
     def __init__(self, capacity: int) -> None:
         import cachetools
 
-        self._c = cachetools.LRUCache(maxsize=capacity)
-        self._lock = threading.Lock()
+        super().__init__(cachetools.LRUCache(maxsize=capacity))
 
     def set(self, key: int, kv: Any) -> None:
         with self._lock:
-            self._c[key] = kv.clone()
-
-    def get(self, key: int) -> Optional[Any]:
-        with self._lock:
-            kv = self._c.get(key)
-            return None if kv is None else kv.clone()
+            self._store[key] = kv.clone()
 
 
 def _row(size: str, impl: str, op: str, stats: Stats) -> Row:
@@ -121,7 +123,7 @@ def measure_torch_queue(size: str, n: int) -> Rows:
 def _ray_rows(sizes: Sequence[str], n: int) -> Rows:
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         rows = []
         for size in sizes:

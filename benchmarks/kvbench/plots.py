@@ -4,12 +4,22 @@ per size, trace throughput by threads against the legacy model, hit rates by cap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Sequence
 
 from .hitrate import POLICY_COLUMNS
 from .names import Checks, Op, Variant
 from .results import Results, find, table
 from .settings import BACKENDS, SIZES
+
+
+def _save(plt: Any, fig: Any, axes: Sequence[Any], out: Path, name: str, **legend: Any) -> str:
+    """Legends, layout, ``out/name`` written, the figure closed; the file name."""
+    for ax in axes:
+        ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
 
 
 def _micro(plt: Any, results: Results, out: Path) -> List[str]:
@@ -30,11 +40,7 @@ def _micro(plt: Any, results: Results, out: Path) -> List[str]:
         ax.set_xticks([x + width for x in range(len(names))], names, rotation=20, ha="right")
         ax.set_ylabel("p50 us")
         ax.set_title(f"pool operations, {size}, fifo")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"micro_{size}.png", dpi=100)
-        plt.close(fig)
-        written.append(f"micro_{size}.png")
+        written.append(_save(plt, fig, [ax], out, f"micro_{size}.png"))
     return written
 
 
@@ -59,11 +65,7 @@ def _trace(plt: Any, results: Results, out: Path) -> List[str]:
     ax.set_xlabel("collector threads")
     ax.set_ylabel("env steps / s")
     ax.set_title("UniZero trace, 8 envs, 25 sims")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "trace.png", dpi=100)
-    plt.close(fig)
-    return ["trace.png"]
+    return [_save(plt, fig, [ax], out, "trace.png", fontsize=8)]
 
 
 def _hitrate(plt: Any, results: Results, out: Path) -> List[str]:
@@ -79,11 +81,7 @@ def _hitrate(plt: Any, results: Results, out: Path) -> List[str]:
         ax.set_xlabel("capacity / (sims x envs)")
         ax.set_ylabel("recur read hit rate")
         ax.set_title(f"recur_clear={mode}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "hitrate.png", dpi=100)
-    plt.close(fig)
-    return ["hitrate.png"]
+    return [_save(plt, fig, axes[0], out, "hitrate.png", fontsize=8)]
 
 
 def write_plots(results: Results, out: Path) -> List[str]:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 from concurrent_kv import workload as wl
 from concurrent_kv.testing.legacy_backend import LegacyRingBackend
-from concurrent_kv.workload import CollectorResult, WorkloadConfig, make_manager
+from concurrent_kv.workload import WorkloadConfig, make_manager
 
 from .names import Checks, Comparison, Variant
 from .results import Row, Rows
