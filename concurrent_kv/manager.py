@@ -205,6 +205,11 @@ class KVCacheManager:
         """Empty the recur pool (UniZero does this once per MCTS search)."""
         self.recur_pool.clear()
 
+    def delete_recur_cache(self, cache_key: int) -> bool:
+        """Remove one recur-pool entry; whether it was there. Collectors that share the recur
+        pool delete their own search's keys with it instead of clearing everyone's."""
+        return self.recur_pool.delete(cache_key)
+
     # -- statistics ----------------------------------------------------------------------
 
     def pools(self) -> List[KVCachePool]:

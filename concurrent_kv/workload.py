@@ -10,6 +10,10 @@ A collector owns some environments and, per env step, does what UniZero's MCTS d
 
 Every stored entry encodes its key (:func:`fill_entry`), so every read is verified
 (:func:`verify_entry`): a torn, stale or aliased entry cannot pass unnoticed.
+
+The collector talks to a :class:`CacheBackend`: :class:`KVCacheManager` is one, and
+``concurrent_kv.testing.legacy_backend.LegacyRingBackend`` (a model of LightZero's own rings) is
+another, so the benchmarks replay one loop, one operation sequence, on both.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 import xxhash
@@ -28,6 +32,7 @@ from .errors import ConfigError
 from .manager import KVCacheManager
 
 __all__ = [
+    "CacheBackend",
     "WorkloadConfig",
     "CollectorResult",
     "WorkloadResult",
@@ -45,6 +50,30 @@ __all__ = [
 _VALUE_MOD = 8_388_593
 #: How many states are common to every env when ``shared_keys`` > 0.
 _COMMON_STATES = 16
+
+
+class CacheBackend(Protocol):
+    """The cache calls a collector makes: those of UniZero's MCTS, with the manager's signatures.
+
+    Getters copy a hit into ``out`` and return it (the collector always passes ``out=``: its
+    reads allocate nothing), or return None on a miss. ``delete_recur_cache`` serves
+    ``recur_clear="own"``, where collectors share the recur pool and must not clear each other's."""
+
+    def get_init_cache(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]: ...
+
+    def hierarchical_get(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]: ...
+
+    def get_recur_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]: ...
+
+    def set_init_cache(self, env_id: int, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int: ...
+
+    def set_recur_cache(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int: ...
+
+    def delete_recur_cache(self, cache_key: int) -> bool: ...
+
+    def clear_recur_cache(self) -> None: ...
+
+    def clear_init_caches(self, env_id: Optional[int] = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -180,14 +209,15 @@ class WorkloadResult:
 
 
 def run_collector(
-    manager: KVCacheManager,
+    manager: CacheBackend,
     cfg: WorkloadConfig,
     env_ids: Sequence[int],
     collector_id: int,
     on_step: Optional[Callable[[], None]] = None,
     writer: int = 0,
 ) -> CollectorResult:
-    """Run ``cfg.steps`` env steps for the envs ``env_ids`` (one batched search per step).
+    """Run ``cfg.steps`` env steps for the envs ``env_ids`` (one batched search per step) on
+    ``manager``, a :class:`KVCacheManager` or any other :class:`CacheBackend`.
 
     ``writer`` tags every entry this collector writes; a hit on another tag crossed processes."""
     res = CollectorResult()
@@ -252,7 +282,7 @@ def run_collector(
         elif clear_mode == "own":
             for e in env_ids:
                 for key in own[e]:
-                    manager.recur_pool.delete(key)
+                    manager.delete_recur_cache(key)
                     res.deletes += 1
         for e in env_ids:
             if (step + 1) % cfg.episode_length == 0:
@@ -274,7 +304,7 @@ def make_manager(cfg: WorkloadConfig, shared: bool = False, **config: Any) -> KV
 
 
 def run_collectors(
-    manager: KVCacheManager,
+    manager: CacheBackend,
     cfg: WorkloadConfig,
     on_step: Optional[Callable[[], None]] = None,
     timeout_s: float = 600.0,
@@ -283,7 +313,8 @@ def run_collectors(
     writer: int = 0,
 ) -> WorkloadResult:
     """Run collector threads (``cfg.collectors`` by default) over the envs ``env_ids`` (all by
-    default), sharing ``manager``; ``on_step`` is called once per env step."""
+    default), sharing ``manager`` (any :class:`CacheBackend`); ``on_step`` is called once per
+    env step."""
     envs = list(range(cfg.env_num)) if env_ids is None else list(env_ids)
     count = min(threads or cfg.collectors, len(envs))
     groups = [envs[c::count] for c in range(count)]
