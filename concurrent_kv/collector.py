@@ -20,7 +20,7 @@ hits on entries this collector did not store.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
 from .checks import positive_int
 from .errors import ClosedError, ConfigError, EnvIdError, PoolExhaustedError
@@ -35,17 +35,24 @@ __all__ = ["CollectorCaches"]
 class CollectorCaches:
     """The starting design's calls for one collector; see the module docstring."""
 
-    def __init__(self, manager: "KVCacheManager", first_env: int = 0, env_num: Optional[int] = None) -> None:
-        if isinstance(first_env, bool) or not isinstance(first_env, int) or first_env < 0:
-            raise ConfigError(f"first_env must be an int >= 0, got {first_env!r}")
-        count = manager.env_num - first_env if env_num is None else positive_int("env_num", env_num)
-        if count <= 0 or first_env + count > manager.env_num:
-            raise ConfigError(
-                f"envs [{first_env}, {first_env + max(count, 0)}) are not all among the manager's {manager.env_num}")
+    def __init__(self, manager: "KVCacheManager", first_env: int = 0, env_num: Optional[int] = None, *,
+                 envs: Optional[Sequence[int]] = None) -> None:
+        """The collector's env ``i`` is the manager's env ``first_env + i`` (``env_num`` of them,
+        by default the rest), or ``envs[i]`` when the manager's envs are given as a list."""
+        if envs is None:
+            if isinstance(first_env, bool) or not isinstance(first_env, int) or first_env < 0:
+                raise ConfigError(f"first_env must be an int >= 0, got {first_env!r}")
+            count = manager.env_num - first_env if env_num is None else positive_int("env_num", env_num)
+            envs = range(first_env, first_env + max(count, 0))
+        envs = list(envs)
+        if not envs or len(set(envs)) != len(envs) or not all(
+                isinstance(e, int) and not isinstance(e, bool) and 0 <= e < manager.env_num for e in envs):
+            raise ConfigError(f"a collector's envs must be distinct ints in [0, {manager.env_num}), got {envs!r}")
         self.manager = manager
-        self.first_env = first_env
-        self.env_num = count
-        self.init_pools: List[KVCachePool] = manager.init_pools[first_env:first_env + count]
+        self.envs = envs
+        self.first_env = envs[0]
+        self.env_num = len(envs)
+        self.init_pools: List[KVCachePool] = [manager.init_pools[e] for e in envs]
         self.recur_pool = manager.recur_pool
         self.wm_pool = manager.wm_pool
         self._holder: Dict[str, int] = {}
@@ -170,5 +177,5 @@ class CollectorCaches:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"CollectorCaches(envs [{self.first_env}, {self.first_env + self.env_num}) of "
-                f"{self.manager.env_num}, foreign_hits={self.foreign_hits}, rejected={self.rejected})")
+        return (f"CollectorCaches(envs {self.envs} of {self.manager.env_num}, "
+                f"foreign_hits={self.foreign_hits}, rejected={self.rejected})")

@@ -11,7 +11,7 @@ on their init pools.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dataclasses import dataclass
 
@@ -175,14 +175,15 @@ class KVCacheManager:
         found = self._init_pool(env_id).get(cache_key, out)
         return found if found is not None else self.recur_pool.get(cache_key, out)
 
-    def collector(self, first_env: int = 0, env_num: Optional[int] = None) -> CollectorCaches:
+    def collector(self, first_env: int = 0, env_num: Optional[int] = None, *,
+                  envs: Optional[Sequence[int]] = None) -> CollectorCaches:
         """One collector's view of this manager (see :class:`~concurrent_kv.collector.CollectorCaches`):
-        its own root pools (envs ``first_env .. first_env+env_num-1``, claimed exclusively), holds
-        on what it stores in the shared recur and wm pools, clears that release only its holds.
-        ``env_num`` defaults to the rest of the manager's envs."""
+        its own root pools (envs ``first_env .. first_env+env_num-1``, or the list ``envs``,
+        claimed exclusively), holds on what it stores in the shared recur and wm pools, clears
+        that release only its holds. ``env_num`` defaults to the rest of the manager's envs."""
         if self._closed:
             raise ClosedError("KVCacheManager is closed")
-        return CollectorCaches(self, first_env, env_num)
+        return CollectorCaches(self, first_env, env_num, envs=envs)
 
     # -- clearing ------------------------------------------------------------------------
 
@@ -204,11 +205,6 @@ class KVCacheManager:
     def clear_recur_cache(self) -> None:
         """Empty the recur pool (UniZero does this once per MCTS search)."""
         self.recur_pool.clear()
-
-    def delete_recur_cache(self, cache_key: int) -> bool:
-        """Remove one recur-pool entry; whether it was there. Collectors that share the recur
-        pool delete their own search's keys with it instead of clearing everyone's."""
-        return self.recur_pool.delete(cache_key)
 
     # -- statistics ----------------------------------------------------------------------
 

@@ -237,6 +237,6 @@ def test_collectors_in_worker_processes_clear_only_their_own_entries() -> None:
 def test_collector_is_exported_and_typed() -> None:
     with manager(1) as m:
         c = m.collector()
-        assert isinstance(c, CollectorCaches) and "envs [0, 1) of 1" in repr(c)
+        assert isinstance(c, CollectorCaches) and "envs [0] of 1" in repr(c)
         c.close()
         c.close()  # idempotent

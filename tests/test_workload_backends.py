@@ -3,8 +3,6 @@ rings (``LegacyRingBackend``) with the same operations, which the benchmarks rel
 
 from __future__ import annotations
 
-import pytest
-
 from concurrent_kv.testing.legacy_backend import LegacyRingBackend, legacy_init_slots
 from concurrent_kv.workload import WorkloadConfig, make_manager, run_collectors
 
@@ -22,11 +20,14 @@ def test_legacy_backend_replays_the_managers_operation_sequence() -> None:
     assert legacy.total.hits > 0
 
 
-def test_legacy_backend_sizes_and_refuses_single_deletes() -> None:
+def test_legacy_backend_sizes_and_refuses_collectors_that_share_its_recur_ring() -> None:
     backend = LegacyRingBackend(2, 50, CFG.spec)
     assert [p.pool_size for p in backend.init_pools] == [legacy_init_slots(50)] * 2 == [256, 256]
     assert backend.recur_pool.pool_size == 100
     assert all(slot is not None for slot in backend.recur_pool.slots)  # allocated up front
     assert backend.hierarchical_get(0, -1) is None  # the allocation keys are cleared
-    with pytest.raises(NotImplementedError):
-        backend.delete_recur_cache(1)
+    # LightZero's rings have no holds: collectors sharing them (recur_clear="own") are refused.
+    own = WorkloadConfig(env_num=2, collectors=2, num_simulations=2, steps=1, num_layers=1, num_heads=2,
+                         context_length=4, head_dim=8)
+    errors = run_collectors(LegacyRingBackend(2, 2, own.spec), own, timeout_s=60).total.errors
+    assert len(errors) == 2 and all("ConfigError" in e and "collector(envs=" in e for e in errors)

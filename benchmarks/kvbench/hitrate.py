@@ -68,9 +68,6 @@ class RecordingBackend:
         self.trace.append(("set", cache_key, depth, self._search))
         return self._m.set_recur_cache(cache_key, kv_cache, priority)
 
-    def delete_recur_cache(self, cache_key: int) -> bool:
-        raise NotImplementedError("recorded traces are of one collector: recur_clear is global or none")
-
     def clear_recur_cache(self) -> None:
         self.trace.append(("clear",))
         self._m.clear_recur_cache()

@@ -64,10 +64,6 @@ class LegacyRingBackend:
     def set_recur_cache(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
         return self.recur_pool.set(cache_key, kv_cache)
 
-    def delete_recur_cache(self, cache_key: int) -> bool:
-        raise NotImplementedError("LightZero's rings only clear whole pools: run one collector "
-                                  "(recur_clear='global') on a LegacyRingBackend")
-
     def clear_recur_cache(self) -> None:
         self.recur_pool.clear()
 
