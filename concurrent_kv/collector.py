@@ -10,9 +10,9 @@ each as if it had the caches to itself:
   and its clears release only its own holds, so another collector's live search tree and roots
   survive them. An entry two collectors stored (the same key) is one copy, kept until its last
   holder lets go;
-* **a miss, never a crash**: when every slot is leased or held, a store is refused (the pool
-  counts it as ``rejected``) and returns -1; the next lookup of that key misses and the caller
-  recomputes, as after an eviction.
+* **a miss, never a crash**: when every slot is leased or held, a store is refused (counted in
+  ``rejected``) and returns -1; the next lookup of that key misses and the caller recomputes, as
+  after an eviction.
 
 Lookups see every live entry of the shared pools, whoever stored it; ``foreign_hits`` counts the
 hits on entries this collector did not store.
@@ -169,6 +169,10 @@ class CollectorCaches:
             holder = self._holder.pop(pool.name, None)
             if holder is not None and not pool.closed:
                 pool.remove_holder(holder)
+
+    def stats(self) -> Dict[str, int]:
+        """This collector's own counts: hits on entries it did not store, stores refused."""
+        return {"foreign_hits": self.foreign_hits, "rejected": self.rejected}
 
     def __enter__(self) -> "CollectorCaches":
         return self

@@ -41,7 +41,7 @@ from .shared import PoolHandle, SharedParts
 from .shm import start_time
 from .slots import Occupancy, SlotTable
 from .state import LocalState, PoolState
-from .stats import HITS, MISSES, REJECTED, CacheStats, StatsSnapshot
+from .stats import HITS, MISSES, CacheStats, StatsSnapshot
 from .storage import SlotStorage
 
 __all__ = ["KVCachePool", "Lease", "PoolHandle", "Occupancy", "MAX_SLOTS"]
@@ -452,8 +452,8 @@ class KVCachePool:
         in place (FIFO order unchanged; LRU makes it most recent; PRIORITY takes the new
         priority). ``priority`` (default 0.0) matters to PRIORITY pools: lowest goes first.
         With ``holder`` (from :meth:`add_holder`) the entry is also held by that holder.
-        Raises :class:`PoolExhaustedError` when every slot is pinned by a lease or held (the
-        refusal is counted as ``rejected``; nothing stored changes).
+        Raises :class:`PoolExhaustedError` when every slot is pinned by a lease or held;
+        nothing changes then.
         """
         key = check_key(cache_key)
         prio = 0.0 if priority is None else check_priority(priority)
@@ -461,23 +461,18 @@ class KVCachePool:
         if holder is not None:
             self._check_holder(holder)
         spec, data, sizes = self._check_entry(kv_cache)
+        if self._split_writes:
+            return self._set_split(key, data, sizes, prio, holder)
+        held = self._acquire(True)
         try:
-            if self._split_writes:
-                return self._set_split(key, data, sizes, prio, holder)
-            held = self._acquire(True)
-            try:
-                self._check_not_closed("set")
-                if self._spec is None:
-                    self._allocate_storage(spec)
-                elif spec is not self._spec and spec != self._spec:  # another thread allocated it first
-                    _, data, sizes = self._check_entry(kv_cache)
-                return self._set_locked(key, data, sizes, prio, holder)
-            finally:
-                held.release()
-        except PoolExhaustedError:
-            with self._meta_lock:
-                self._counters[REJECTED] += self._stats_on
-            raise
+            self._check_not_closed("set")
+            if self._spec is None:
+                self._allocate_storage(spec)
+            elif spec is not self._spec and spec != self._spec:  # another thread allocated it first
+                _, data, sizes = self._check_entry(kv_cache)
+            return self._set_locked(key, data, sizes, prio, holder)
+        finally:
+            held.release()
 
     def _check_not_closed(self, during: str) -> None:
         if self._closed:

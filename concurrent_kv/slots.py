@@ -360,4 +360,4 @@ class SlotTable:
                 "inserted - evicted - removed != len")
         if self.count_stats:
             s = st.stats.snapshot()
-            require(min(s.hits, s.misses, s.evictions, s.inserts, s.updates, s.rejected) >= 0, "negative counter")
+            require(min(s.hits, s.misses, s.evictions, s.inserts, s.updates) >= 0, "negative counter")

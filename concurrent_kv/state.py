@@ -26,7 +26,7 @@ from .cells import Cells, CountingArrays
 from .entry import EntrySpec
 from .eviction import EvictionPolicy
 from .shm import Segment, pid_alive, start_time
-from .stats import COUNTERS, EVICTIONS, HITS, INSERTS, MISSES, REJECTED, UPDATES, CacheStats, StatsSnapshot
+from .stats import COUNTERS, EVICTIONS, HITS, INSERTS, MISSES, UPDATES, CacheStats, StatsSnapshot
 
 __all__ = [
     "FREE", "WRITING", "READY", "RETIRED", "PoolState", "KeyIndex", "SlotStack", "PinTable",
@@ -312,7 +312,6 @@ class SharedStats(CacheStats):
     evictions = property(lambda self: int(self._rows[:, EVICTIONS].sum()))
     inserts = property(lambda self: int(self._rows[:, INSERTS].sum()))
     updates = property(lambda self: int(self._rows[:, UPDATES].sum()))
-    rejected = property(lambda self: int(self._rows[:, REJECTED].sum()))
 
     def snapshot(self) -> StatsSnapshot:
         return StatsSnapshot(*(int(x) for x in self._rows.sum(axis=0)))

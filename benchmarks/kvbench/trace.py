@@ -27,7 +27,7 @@ NOTES = [
     "sized as LightZero's (init 256 per env, recur sims x 8) and fully allocated before the clock starts, as our "
     "manager's storage is.",
     "Trace, threads: one collector clears the recur pool per search (as LightZero); several collectors share "
-    "it, so each deletes its own search's keys instead (recur_clear=own), which is more operations.",
+    "it, so each holds what it stores and releases its own entries instead (recur_clear=own), which is more work.",
     "Trace, processes: forked workers attach a shared manager, then start collecting together (a barrier): elapsed "
     "runs from that start to the last worker done, as a threaded run's does; fork and attach are in startup_s; every "
     "process configuration uses recur_clear=own; no keys are common to processes (shared_keys=0).",
@@ -85,7 +85,7 @@ def run_ours_threads(sims: int, steps: int, threads: int, lock: str, checks: boo
 def run_ours_processes(sims: int, steps: int, processes: int, threads: int, lock: str, checks: bool,
                        shared_keys: float = 0.0) -> Row:
     """``processes`` forked workers x ``threads`` collector threads on one shared manager. Every
-    configuration deletes its own search's keys (``recur_clear="own"``), so the work is the same."""
+    configuration releases its own holds per search (``recur_clear="own"``), so the work is the same."""
     cfg = trace_config(sims, steps, processes * threads, recur_clear="own", shared_keys=shared_keys)
     with payload_checks(checks), make_manager(cfg, shared=True, lock=lock) as manager:
         result = wl.run_processes(manager, cfg, processes, "fork")
