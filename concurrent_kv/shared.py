@@ -25,7 +25,7 @@ import torch
 from .entry import EntrySpec
 from .eviction import EvictionPolicy, resolve_policy
 from .locks import ProcessLock, Releasable
-from .shm import AttachError, Segment
+from .shm import KIND_DATA, KIND_META, AttachError, Segment
 from .slots import SlotTable
 from .state import MetaLayout, SharedState
 from .storage import SlotStorage
@@ -84,9 +84,9 @@ def create(name: str, capacity: int, policy_cls: Type[EvictionPolicy], spec: Ent
     """Create a pool's two segments (data first: it is the big one, so a full tmpfs fails before
     any metadata is laid out) and open them."""
     layout = MetaLayout(capacity, policy_cls, spec, max_workers)
-    data = Segment.create(name + ".data", capacity * spec.nbytes, MetaLayout.data_digest(capacity, spec))
+    data = Segment.create(name + ".data", capacity * spec.nbytes, MetaLayout.data_digest(capacity, spec), KIND_DATA)
     try:
-        meta = Segment.create(name, layout.payload_bytes, layout.digest())
+        meta = Segment.create(name, layout.payload_bytes, layout.digest(), KIND_META)
     except BaseException:
         data.close()
         raise
@@ -119,9 +119,12 @@ def attach(handle: Any) -> SharedParts:
         raise
     try:
         return _open(handle, meta, data, policy_cls, layout, create=False)
-    except BaseException:
+    except BaseException as exc:
         meta.close()
         data.close()
+        gone = not (os.path.exists(handle.meta_path) and os.path.exists(handle.data_path))
+        if isinstance(exc, (OSError, RuntimeError)) and gone:  # torch and the lock open the files by name
+            raise AttachError(f"pool {handle.name!r} was removed while attaching (its owner is gone)") from None
         raise
 
 
