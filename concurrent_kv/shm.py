@@ -18,7 +18,7 @@ import mmap
 import os
 import secrets
 import struct
-from typing import List, NamedTuple, Optional, Sequence, Set
+from typing import List, NamedTuple, Optional, Sequence, Set, Union
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ __all__ = [
 ]
 
 MAGIC = b"CKVSEG01"
-#: 2: the header records the owner's start time and the segment's kind.
+#: 2: the header records the owner's start time and the segment's kind; a meta segment starts
+#: with a description of its pool (:func:`concurrent_kv.shared.describe`).
 LAYOUT_VERSION = 2
 PREFIX = "ckv-"
 #: magic, version, kind, owner pid, payload bytes, owner start time, layout digest (24 bytes)
@@ -55,7 +56,7 @@ class Header(NamedTuple):
     digest: bytes
 
     @classmethod
-    def read(cls, buf: bytes) -> "Header":
+    def read(cls, buf: Union[bytes, mmap.mmap]) -> "Header":
         return cls(*HEADER.unpack_from(buf, 0))
 
     def owner_alive(self) -> bool:
@@ -273,22 +274,11 @@ def pid_alive(pid: int, started: int = 0) -> bool:
 
 
 def remove_stale_segments() -> Set[str]:
-    """Unlink segments whose owner process is gone (left by an owner killed with SIGKILL)."""
-    removed: Set[str] = set()
-    for name in leftover_segments():
-        path = os.path.join(shm_dir(), name)
-        try:
-            with open(path, "rb") as f:
-                magic, _, _, owner_pid, _ = HEADER_PREFIX.unpack(f.read(HEADER_PREFIX.size))
-        except (OSError, struct.error):
-            continue
-        if magic == MAGIC and not pid_alive(owner_pid):
-            try:
-                os.unlink(path)
-                removed.add(name)
-            except FileNotFoundError:
-                pass
-    return removed
+    """Unlink the segments no live process uses (see :func:`concurrent_kv.shm_inspect.clean`);
+    return their names."""
+    from .shm_inspect import clean  # it reads pool layouts, which import this module
+
+    return {name for name in clean().removed}
 
 
 def _unlink_owned_at_exit() -> None:
