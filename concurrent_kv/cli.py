@@ -174,6 +174,14 @@ def render_clean(report: shm_inspect.CleanReport, dry_run: bool) -> str:
 
 
 def _shm(args: argparse.Namespace) -> int:
+    try:
+        return _shm_command(args)
+    except OSError as exc:  # no such folder, or one we may not read
+        print(f"concurrent-kv shm {args.shm_command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _shm_command(args: argparse.Namespace) -> int:
     if args.shm_command == "list":
         listing = shm_inspect.scan(args.dir)
         print(json.dumps(dataclasses.asdict(listing), indent=1) if args.json else render_listing(listing))

@@ -93,7 +93,7 @@ class OwnedPaths:
                 _write_all(reaper, line)
                 return
             except OSError:
-                pass  # it died just now
+                _close_pipe(reaper)  # it died just now
         self._reaper = self._start()
 
     def _start(self) -> Optional[subprocess.Popen]:

@@ -23,7 +23,7 @@ from typing import List, NamedTuple, Optional, Sequence, Set, Union
 import numpy as np
 import torch
 
-from .errors import ConcurrentKVError
+from .errors import ConcurrentKVError, ConfigError
 from .reaper import owned
 
 __all__ = [
@@ -147,7 +147,7 @@ class Segment:
     def create(cls, label: str, payload_bytes: int, digest: bytes, kind: int = KIND_PLAIN) -> "Segment":
         """A new file of ``payload_bytes`` past the header, owned by this process."""
         if kind not in (KIND_PLAIN, KIND_META, KIND_DATA):
-            raise ValueError(f"segment kind must be one of {KIND_PLAIN}, {KIND_META}, {KIND_DATA}, got {kind!r}")
+            raise ConfigError(f"segment kind must be one of {KIND_PLAIN}, {KIND_META}, {KIND_DATA}, got {kind!r}")
         folder = shm_dir()
         total = HEADER_BYTES + payload_bytes
         _check_space(folder, total)
@@ -278,7 +278,9 @@ def remove_stale_segments() -> Set[str]:
     return their names."""
     from .shm_inspect import clean  # it reads pool layouts, which import this module
 
-    return {name for name in clean().removed}
+    if not os.path.isdir(shm_dir()):
+        return set()  # no folder, nothing left in it
+    return set(clean().removed)
 
 
 def _unlink_owned_at_exit() -> None:

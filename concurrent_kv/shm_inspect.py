@@ -23,14 +23,15 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from .checks import boolean, instance_of
 from .errors import ConcurrentKVError
 from .shared import PoolDescription, read_description
 from .shm import (
     HEADER_BYTES, HEADER_PREFIX, KIND_DATA, KIND_META, LAYOUT_VERSION, MAGIC, PREFIX, AttachError, Header,
     _digest_field, pid_alive, shm_dir,
 )
-from .state import DESCRIPTION_BYTES, READY, MetaLayout
-from .stats import HITS, MISSES
+from .state import CELL, DESCRIPTION_BYTES, READY, WORKER_ROWS, MetaLayout
+from .stats import COUNTERS, HITS, MISSES
 
 __all__ = ["SegmentFile", "PoolReport", "Listing", "CleanReport", "scan", "clean", "used_paths"]
 
@@ -195,10 +196,12 @@ def _read_file(entry: os.DirEntry, used: Set[str]) -> Tuple[SegmentFile, Optiona
 # -- reading a pool -----------------------------------------------------------------------------
 
 
-def _cells(fd: int, layout: MetaLayout, region: str) -> np.ndarray:
+def _cells(fd: int, layout: MetaLayout, region: str, count: Optional[int] = None) -> np.ndarray:
+    """The first ``count`` cells (default all) of a region, read from the file."""
     r = layout.regions[region]
-    raw = os.pread(fd, r.nbytes, HEADER_BYTES + r.offset)
-    if len(raw) != r.nbytes:
+    nbytes = CELL * (r.count if count is None else min(count, r.count))
+    raw = os.pread(fd, nbytes, HEADER_BYTES + r.offset)
+    if len(raw) != nbytes:
         raise AttachError(f"region {region} lies past the end of the file")
     return np.frombuffer(raw, dtype=np.int64)
 
@@ -219,11 +222,13 @@ def _layout(fd: int, seg: SegmentFile) -> Tuple[PoolDescription, MetaLayout]:
 def _pool(fd: int, seg: SegmentFile, data: Optional[SegmentFile], desc: PoolDescription,
           layout: MetaLayout) -> PoolReport:
     h = desc.handle
-    pids, starts = _cells(fd, layout, "worker_pid"), _cells(fd, layout, "worker_start")
+    # Only the worker rows ever used (a pool may have 64 rows of millions of pins).
+    rows = max(1, min(int(_cells(fd, layout, "scalars")[WORKER_ROWS]), h.max_workers))
+    pids, starts = _cells(fd, layout, "worker_pid", rows), _cells(fd, layout, "worker_start", rows)
     workers = tuple(int(p) for p, s in zip(pids, starts)
                     if p and p != seg.owner_pid and pid_alive(int(p), int(s)))
-    stats = _cells(fd, layout, "stats").reshape(h.max_workers, -1).sum(axis=0)
-    pins = _cells(fd, layout, "pins").reshape(h.max_workers, h.capacity).sum(axis=0)
+    stats = _cells(fd, layout, "stats", rows * len(COUNTERS)).reshape(rows, -1).sum(axis=0)
+    pins = _cells(fd, layout, "pins", rows * h.capacity).reshape(rows, h.capacity).sum(axis=0)
     hits, misses = int(stats[HITS]), int(stats[MISSES])
     used = seg.in_use or (data is not None and data.in_use)
     state = "alive" if seg.owner_alive else ("orphaned" if workers or used else "dead")
@@ -238,10 +243,7 @@ def _pool(fd: int, seg: SegmentFile, data: Optional[SegmentFile], desc: PoolDesc
 
 
 def _entries(folder: str) -> List[os.DirEntry]:
-    try:
-        return sorted((e for e in os.scandir(folder) if e.name.startswith(PREFIX)), key=lambda e: e.name)
-    except FileNotFoundError:
-        return []
+    return sorted((e for e in os.scandir(folder) if e.name.startswith(PREFIX)), key=lambda e: e.name)
 
 
 def scan(folder: Optional[str] = None) -> Listing:
@@ -283,10 +285,9 @@ def _with_problem(seg: SegmentFile, why: str) -> SegmentFile:
 
 
 def _folder(folder: Optional[str]) -> str:
-    if folder is None:
-        return shm_dir()
-    if not isinstance(folder, str) or not folder:
-        raise TypeError(f"folder must be a non-empty str, got {folder!r}")
+    folder = shm_dir() if folder is None else instance_of("folder", folder, str)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"{folder!r} is not a folder (the shared-memory folder to read)")
     return folder
 
 
@@ -317,8 +318,7 @@ def _file_verdict(seg: SegmentFile) -> str:
 def clean(folder: Optional[str] = None, dry_run: bool = False) -> CleanReport:
     """Remove the files in ``folder`` that no live process uses (see the module's doc); keep
     the rest, saying why. ``dry_run`` only says what it would remove."""
-    if not isinstance(dry_run, bool):
-        raise TypeError(f"dry_run must be a bool, got {dry_run!r}")
+    boolean("dry_run", dry_run)
     listing = scan(folder)
     report = CleanReport(listing.folder)
     for pool in listing.pools:

@@ -169,3 +169,17 @@ def test_shm_commands_run_as_a_module(shm_folder: str) -> None:
     assert proc.stdout.startswith(f"{shm_folder}: 0 pools in 0 managers")
     with pytest.raises(SystemExit):
         main(["shm"])  # which one: list or clean
+    assert main(["shm", "clean", "--dir", os.path.join(shm_folder, "missing")]) == 2  # said on stderr
+
+
+def test_shm_inspect_validates_its_arguments(shm_folder: str) -> None:
+    from concurrent_kv import ConfigError
+    from concurrent_kv.shm_inspect import clean, scan
+
+    with pytest.raises(ConfigError):
+        scan(3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        clean(dry_run="yes")  # type: ignore[arg-type]
+    with pytest.raises(NotADirectoryError):
+        scan(os.path.join(shm_folder, "missing"))
+    assert scan().pools == () and clean().removed == []
