@@ -280,3 +280,25 @@ def test_attach_refuses_the_segments_of_a_dead_owner(pool: KVCachePool) -> None:
                 KVCachePool.attach(h)
         f.seek(0)
         f.write(real)
+
+
+def test_a_process_forked_once_the_names_are_gone_still_works() -> None:
+    """A worker that forks after its owner died (its reaper removed the names): the child gets
+    its own lock descriptor through /proc/self/fd, not by the vanished name."""
+    with KVCachePool(4, shared=True, entry_spec=SPEC, name="names-gone") as p:
+        p.set(1, fill_entry(SPEC.empty_entry(), 1))
+        h = p.handle()
+        for path in (h.meta_path, h.data_path):
+            os.unlink(path)  # what the reaper does when the owner dies
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                p.set(2, fill_entry(SPEC.empty_entry(), 2))
+                code = 0 if verify_entry(p.get(1), 1) and verify_entry(p.get(2), 2) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert verify_entry(p.get(2), 2)
+        p.check()
