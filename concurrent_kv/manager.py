@@ -11,9 +11,13 @@ on their init pools.
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dataclasses import dataclass
+
+from . import shared as shared_memory
 
 from .checks import boolean, instance_of, positive_int
 from .collector import CollectorCaches
@@ -70,12 +74,15 @@ class KVCacheManager:
             if size > MAX_SLOTS:
                 raise ConfigError(f"pool {name} would have {size:,} slots; a pool holds at most {MAX_SLOTS:,}")
         pools: List[KVCachePool] = []
+        # One id in every pool's description: `concurrent-kv shm list` shows them as one manager.
+        group = shared_memory.grouped(secrets.token_hex(8)) if shared else contextlib.nullcontext()
         try:
-            for size, strategy, name in plan:
-                pools.append(KVCachePool(
-                    size, strategy, enable_stats, name, entry_spec=spec, lock=cfg.lock,
-                    lock_timeout=cfg.lock_timeout, shared=shared, max_workers=cfg.max_workers,
-                ))
+            with group:
+                for size, strategy, name in plan:
+                    pools.append(KVCachePool(
+                        size, strategy, enable_stats, name, entry_spec=spec, lock=cfg.lock,
+                        lock_timeout=cfg.lock_timeout, shared=shared, max_workers=cfg.max_workers,
+                    ))
         except BaseException:
             for p in pools:  # never leave half a manager's segments behind
                 p.close()
