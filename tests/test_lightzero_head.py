@@ -14,8 +14,10 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from concurrent_kv import ConfigError, EntrySpec, EnvIdError, KVCacheManager, KVCachePool, ManagerConfig
+from concurrent_kv import ConcurrentKVError, ConfigError, EntrySpec, EnvIdError, KVCacheManager, KVCachePool, ManagerConfig
 from concurrent_kv.integrations.lightzero import IntegrationError
 from concurrent_kv.integrations.lightzero_head import (
     CONSTRUCTOR,
@@ -329,3 +331,35 @@ def test_attached_manager_class_validates(shared_manager: KVCacheManager) -> Non
     with pytest.raises(IntegrationError, match="needs a handle"):
         AttachedKVCacheManager(CONFIG, 1)
     assert tuple(CONSTRUCTOR) == ("config", "env_num", "enable_stats", "clear_recur_log_freq", "clear_all_log_freq")
+
+
+junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 10), st.floats(allow_nan=True), st.text(max_size=6),
+                 st.sampled_from([".", "..x", "a..b", "os", "fakelz", "fakelz.kvm", "\x00"]),
+                 st.just(object()), st.just(types.ModuleType("empty")), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(handle=junk, env_offset=junk, module=junk)
+def test_hostile_arguments_raise_only_our_errors(fake_lightzero: types.ModuleType, handle: Any, env_offset: Any,
+                                                  module: Any) -> None:
+    try:
+        r = use_for_main_branch(handle, env_offset=env_offset, module=module)
+    except ConcurrentKVError:
+        assert fake_lightzero.KVCacheManager is MainBranchManager
+        return
+    r.undo()  # only the stand-in module with a good call gets here
+    assert fake_lightzero.KVCacheManager is MainBranchManager
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=junk, env_num=junk, enable_stats=junk, freq=junk)
+def test_hostile_arguments_to_an_attached_manager(shared_manager: KVCacheManager, config: Any, env_num: Any,
+                                                   enable_stats: Any, freq: Any) -> None:
+    cls = attached_manager_class(shared_manager.handle())
+    try:
+        m = cls(config, env_num, enable_stats, freq, 100)
+    except ConcurrentKVError:
+        return
+    m.close()
+    with pytest.raises(ConcurrentKVError):
+        check_main_branch_manager(int)

@@ -186,14 +186,14 @@ class Replacement:
 def _resolve(module: Union[str, ModuleType]) -> ModuleType:
     if isinstance(module, ModuleType):
         return module
-    if not isinstance(module, str) or not module:
-        raise ConfigError(f"module must be a module or a dotted module name, got {module!r}")
+    if not isinstance(module, str) or not module or module.startswith(".") or "\x00" in module:
+        raise ConfigError(f"module must be a module or an absolute dotted module name, got {module!r}")
     try:
         return importlib.import_module(module)
-    except ImportError as exc:
+    except Exception as exc:  # not found, or failed while importing (a missing dependency, ...)
         raise IntegrationError(
-            f"cannot import {module} ({exc}): put LightZero's main-branch source first on sys.path "
-            "(its model needs transformers)"
+            f"cannot import {module} ({type(exc).__name__}: {exc}): put LightZero's main-branch source first "
+            "on sys.path (its model needs transformers)"
         ) from None
 
 
