@@ -7,7 +7,7 @@ from typing import Any, Type, TypeVar
 
 from .errors import ConfigError, ConcurrentKVError
 
-__all__ = ["positive_int", "positive_seconds", "boolean", "instance_of"]
+__all__ = ["positive_int", "non_negative_int", "positive_seconds", "boolean", "instance_of"]
 
 T = TypeVar("T")
 
@@ -16,6 +16,13 @@ def positive_int(name: str, value: Any, error: Type[ConcurrentKVError] = ConfigE
     """``value`` if it is an int > 0 (a bool is not an int here), else ``error``."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise error(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def non_negative_int(name: str, value: Any, error: Type[ConcurrentKVError] = ConfigError) -> int:
+    """``value`` if it is an int >= 0 (a bool is not an int here), else ``error``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise error(f"{name} must be a non-negative int, got {value!r}")
     return value
 
 

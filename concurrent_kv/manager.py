@@ -12,14 +12,14 @@ on their init pools.
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
+import threading
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from dataclasses import dataclass
-
 from . import shared as shared_memory
-
-from .checks import boolean, instance_of, positive_int
+from .checks import boolean, instance_of, non_negative_int, positive_int
 from .collector import CollectorCaches
 from .config import ManagerConfig
 from .entry import EntrySpec
@@ -29,6 +29,8 @@ from .shm import AttachError
 from .stats import StatsSnapshot
 
 __all__ = ["KVCacheManager", "ManagerHandle"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,16 @@ class KVCacheManager:
         config: Any,
         env_num: int,
         enable_stats: bool = True,
+        clear_recur_log_freq: int = 1000,
+        clear_all_log_freq: int = 100,
         *,
         shared: bool = False,
         entry_spec: Optional[EntrySpec] = None,
     ) -> None:
         positive_int("env_num", env_num)
         boolean("enable_stats", enable_stats)
+        non_negative_int("clear_recur_log_freq", clear_recur_log_freq)
+        non_negative_int("clear_all_log_freq", clear_all_log_freq)
         boolean("shared", shared)
         if entry_spec is not None:
             instance_of("entry_spec", entry_spec, EntrySpec)
@@ -87,7 +93,7 @@ class KVCacheManager:
             for p in pools:  # never leave half a manager's segments behind
                 p.close()
             raise
-        self._assemble(cfg, env_num, enable_stats, shared, pools)
+        self._assemble(cfg, env_num, enable_stats, shared, pools, clear_recur_log_freq, clear_all_log_freq)
 
     @staticmethod
     def _pool_plan(cfg: ManagerConfig, n: int) -> List[Tuple[int, Any, str]]:
@@ -98,13 +104,19 @@ class KVCacheManager:
         return plan
 
     def _assemble(self, config: ManagerConfig, env_num: int, enable_stats: bool, shared: bool,
-                  pools: List[KVCachePool]) -> None:
+                  pools: List[KVCachePool], clear_recur_log_freq: int = 1000, clear_all_log_freq: int = 100) -> None:
         """The one assembly step of ``__init__`` and :meth:`attach`."""
         self.config = config
         self.env_num = env_num
         self.enable_stats = enable_stats
         self.shared = shared
         self._closed = False
+        # Clears are logged once every ``*_log_freq`` calls (0: never), as LightZero's main branch does.
+        self.clear_recur_log_freq = clear_recur_log_freq
+        self.clear_all_log_freq = clear_all_log_freq
+        self._clear_recur_counter = 0
+        self._clear_all_counter = 0
+        self._count_lock = threading.Lock()
         self.init_pools: List[KVCachePool] = pools[: self.env_num]
         self.recur_pool = pools[self.env_num]
         self.wm_pool = pools[self.env_num + 1]
@@ -200,6 +212,7 @@ class KVCacheManager:
             p.clear()
         self.keys_values_wm_list.clear()
         self.keys_values_wm_size_list.clear()
+        self._log_clear("all", "Cleared all KV caches")
 
     def clear_init_caches(self, env_id: Optional[int] = None) -> None:
         """Empty one env's init pool, or all of them when ``env_id`` is None."""
@@ -212,6 +225,16 @@ class KVCacheManager:
     def clear_recur_cache(self) -> None:
         """Empty the recur pool (UniZero does this once per MCTS search)."""
         self.recur_pool.clear()
+        self._log_clear("recur", "Cleared recurrent inference cache")
+
+    def _log_clear(self, which: str, what: str) -> None:
+        """Count a clear; log every ``clear_<which>_log_freq``-th one (0: never)."""
+        with self._count_lock:
+            count = getattr(self, f"_clear_{which}_counter") + 1
+            setattr(self, f"_clear_{which}_counter", count)
+        freq = getattr(self, f"clear_{which}_log_freq")
+        if freq > 0 and count % freq == 0:
+            log.info("%s (this message appears every %d calls, total calls: %d)", what, freq, count)
 
     # -- statistics ----------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple, Type, Union
+from types import MappingProxyType
+from typing import Any, Callable, List, Mapping, Optional, Tuple, Type, Union
 
 from . import shared as shared_memory
 from .cells import Cells
@@ -298,6 +299,11 @@ class KVCachePool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def enable_stats(self) -> bool:
+        """Whether this pool counts hits, misses and evictions (LightZero's attribute name)."""
+        return self._stats_on
+
     def stats_snapshot(self) -> StatsSnapshot:
         """An immutable, consistent copy of the counters (summed over processes when shared)."""
         with self._meta_lock:
@@ -429,6 +435,29 @@ class KVCachePool:
             return list(self._index)
         finally:
             held.release()
+
+    def key_index(self) -> Mapping[int, int]:
+        """A read-only snapshot ``{key: slot}`` of the entries stored now.
+
+        Taken in one hold of the read lock, so it is consistent (no key twice, no slot twice, as
+        of one instant) however many threads or processes write meanwhile; it does not change
+        afterwards. Slot numbers are what :meth:`set` returned.
+        """
+        self._start_call()
+        if self._capacity is None:
+            return MappingProxyType({})
+        held = self._acquire(False)
+        try:
+            return MappingProxyType(dict(self._index.items()))
+        finally:
+            held.release()
+
+    @property
+    def _key_to_index(self) -> Mapping[int, int]:
+        """Compatibility surface for LightZero's main branch, whose ``world_model.py`` reads
+        ``pool._key_to_index.keys()`` to drop token contexts of evicted keys: the
+        :meth:`key_index` snapshot, read-only (LightZero only reads it)."""
+        return self.key_index()
 
     # -- writes --------------------------------------------------------------------------
 
