@@ -56,7 +56,8 @@ class CollectorCaches:
         self.recur_pool = manager.recur_pool
         self.wm_pool = manager.wm_pool
         self._holder: Dict[str, int] = {}
-        self._stored: Dict[str, Set[int]] = {}  # keys this collector stored, for foreign_hits
+        self._stored: Dict[str, Set[int]] = {}  # keys this collector stored since its clear
+        self._lookups: Dict[str, List[int]] = {}  # pool name -> [hits, misses] of this collector
         self.foreign_hits = 0
         self.rejected = 0
         self._closed = False
@@ -70,6 +71,7 @@ class CollectorCaches:
             raise
         for name in self._holder:
             self._stored[name] = set()
+            self._lookups[name] = [0, 0]
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ class CollectorCaches:
 
     def _get(self, pool: KVCachePool, key: int, out: Optional[Any]) -> Optional[Any]:
         found = pool.get(key, out)
+        self._lookups[pool.name][found is None] += 1
         if found is not None and key not in self._stored[pool.name]:
             self.foreign_hits += 1
         return found
@@ -170,9 +173,19 @@ class CollectorCaches:
             if holder is not None and not pool.closed:
                 pool.remove_holder(holder)
 
-    def stats(self) -> Dict[str, int]:
-        """This collector's own counts: hits on entries it did not store, stores refused."""
-        return {"foreign_hits": self.foreign_hits, "rejected": self.rejected}
+    def stats(self) -> Dict[str, Any]:
+        """This collector's own counts: hits on entries it did not store, stores refused, and per
+        pool its lookups' hits and misses (a shared pool's own counters sum every collector's)."""
+        pools = {name: {"hits": h, "misses": m} for name, (h, m) in self._lookups.items()}
+        return {"foreign_hits": self.foreign_hits, "rejected": self.rejected, "pools": pools}
+
+    def stored_keys(self, pool: KVCachePool) -> frozenset:
+        """The keys this collector stored in ``pool`` since it last cleared it (in the recur and
+        wm pools: the entries it holds)."""
+        self._check_open()
+        if pool.name not in self._stored:
+            raise ConfigError(f"pool {pool.name!r} is not one of this collector's")
+        return frozenset(self._stored[pool.name])
 
     def __enter__(self) -> "CollectorCaches":
         return self

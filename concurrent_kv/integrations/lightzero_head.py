@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union
 
 from ..checks import boolean, non_negative_int, positive_int
+from ..collector import CollectorCaches
 from ..config import ManagerConfig
 from ..errors import ConfigError
 from ..manager import KVCacheManager, ManagerHandle
@@ -70,11 +71,13 @@ _ORIGINALS: Dict[str, type] = {}
 class AttachedKVCacheManager(KVCacheManager):
     """What a worker's world model builds after ``use_for_main_branch(handle=...)``.
 
-    It takes the main branch's constructor arguments and ignores the sizes they imply for the
-    root pools: its ``init_pools`` are the shared manager's init pools ``env_offset`` ..
-    ``env_offset + env_num - 1``, attached by handle. Its recur and wm pools are its own, sized
-    from the world model's config: the world model clears the recur pool at every MCTS search,
-    so a recur pool shared by several collectors would lose their searches to each other's clears.
+    It takes the main branch's constructor arguments and ignores the sizes they imply: it attaches
+    to the shared manager behind the handle and works as one collector of it
+    (:class:`~concurrent_kv.collector.CollectorCaches`): its ``init_pools`` are the shared init
+    pools ``env_offset`` .. ``env_offset + env_num - 1``, claimed alone; its recur and wm pools are
+    the shared ones, where it holds what it stores. The world model clears the recur pool at every
+    MCTS search; here that releases only this collector's entries, so the other collectors'
+    searches keep theirs.
     """
 
     _handle: ClassVar[Optional[ManagerHandle]] = None
@@ -105,18 +108,64 @@ class AttachedKVCacheManager(KVCacheManager):
         wanted = cfg.entry_spec()
         if wanted is not None and wanted != spec:
             raise ConfigError(f"the world model's entries are {wanted}; the shared pools hold {spec}")
-        pools: List[KVCachePool] = []
+        self._shared_manager = KVCacheManager.attach(handle)
         try:
-            for h in handle.pools[offset: offset + env_num]:
-                pools.append(KVCachePool.attach(h))
-            for size, strategy, name in self._pool_plan(cfg, env_num)[env_num:]:  # recur, wm: our own
-                pools.append(KVCachePool(size, strategy, enable_stats, name, entry_spec=spec, lock=cfg.lock,
-                                         lock_timeout=cfg.lock_timeout))
+            self._collector = self._shared_manager.collector(offset, env_num)
         except BaseException:
-            for p in pools:
-                p.close()
+            self._shared_manager.close()
             raise
-        self._assemble(cfg, env_num, enable_stats, True, pools, clear_recur_log_freq, clear_all_log_freq)
+        c = self._collector
+        self._assemble(cfg, env_num, enable_stats, True, [*c.init_pools, c.recur_pool, c.wm_pool],
+                       clear_recur_log_freq, clear_all_log_freq)
+
+    @property
+    def collector(self) -> CollectorCaches:
+        """This world model's view of the shared manager (its own counts, the keys it holds)."""
+        return self._collector
+
+    # The calls go through this world model's collector view of the shared manager.
+
+    def get_init_cache(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        return self._collector.get_init_cache(env_id, cache_key, out)
+
+    def set_init_cache(self, env_id: int, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
+        return self._collector.set_init_cache(env_id, cache_key, kv_cache, priority)
+
+    def get_recur_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        return self._collector.get_recur_cache(cache_key, out)
+
+    def set_recur_cache(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
+        return self._collector.set_recur_cache(cache_key, kv_cache, priority)
+
+    def get_wm_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        return self._collector.get_wm_cache(cache_key, out)
+
+    def set_wm_cache(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int:
+        return self._collector.set_wm_cache(cache_key, kv_cache, priority)
+
+    def hierarchical_get(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]:
+        return self._collector.hierarchical_get(env_id, cache_key, out)
+
+    def clear_init_caches(self, env_id: Optional[int] = None) -> None:
+        self._collector.clear_init_caches(env_id)
+
+    def clear_recur_cache(self) -> None:
+        """Release this collector's recur entries (the others' stay)."""
+        self._collector.clear_recur_cache()
+        self._log_clear("recur", "Cleared recurrent inference cache")
+
+    def clear_all(self) -> None:
+        """Empty this collector's root pools and release its recur and wm entries."""
+        self._collector.clear_all()
+        self.keys_values_wm_list.clear()
+        self.keys_values_wm_size_list.clear()
+        self._log_clear("all", "Cleared all KV caches")
+
+    def close(self) -> None:
+        """Release this collector's entries and claims, then detach from the shared manager."""
+        self._closed = True
+        self._collector.close()
+        self._shared_manager.close()
 
 
 def attached_manager_class(handle: ManagerHandle, env_offset: int = 0) -> Type[AttachedKVCacheManager]:

@@ -3,9 +3,11 @@
 The parent creates a ``shared=True`` manager with init pools for every collector's envs and hands
 its handle to two spawned collector processes. Each calls ``use_for_main_branch(handle,
 env_offset=...)`` and builds the main-branch model: the world model's manager attaches to the
-shared init pools of its own envs and keeps its per-search recur pool to itself. Both run at once;
-each must produce, bit for bit, what the same run gives with LightZero's own manager in one
-process, and the parent then sees their root entries and counters in the shared pools.
+shared init pools of its own envs and shares the recur pool, holding what it stores there, so each
+collector's per-search clear releases only its own entries. Both run at once; each must produce,
+bit for bit, what the same run gives with LightZero's own manager in one process (the recur keys
+it holds after every call and its own recur hits and misses included), and the parent then sees
+their root entries and counters in the shared pools.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ SEEDS = {0: 100, H.ENV_NUM: 200}  # env_offset -> observation seed
 
 def shared_manager() -> KVCacheManager:
     config = dict(H.world_model_config())
-    config.update(recur_pool_size=1, wm_pool_size=1)  # the collectors keep their recur pools to themselves
+    solo = KVCacheManager(config, env_num=H.ENV_NUM)  # sized as LightZero main sizes one collector's
+    recur, wm = solo.recur_pool.capacity, solo.wm_pool.capacity
+    solo.close()
+    config.update(recur_pool_size=WORKERS * recur, wm_pool_size=WORKERS * wm)  # room for every collector
     return KVCacheManager(config, env_num=WORKERS * H.ENV_NUM, shared=True)
 
 
@@ -61,6 +66,7 @@ def test_two_collector_processes_share_one_manager() -> None:
             assert [n for n, _ in outputs] == [n for n, _ in ref.outputs]
             bad = [i for i, ((_, a), (_, b)) in enumerate(zip(outputs, ref.outputs)) if not torch.equal(torch.from_numpy(a), b)]
             assert bad == []
+            assert ref.pool_stats["recurrent"][2] == 0  # alone, nothing was evicted: holds change nothing
             assert counters == ref.counters and pool_stats == ref.pool_stats and key_sets == ref.key_sets
             H.COMPARED[f"shared, collector at env {off}"] = (ref.count("initial."), ref.count("recurrent."), len(bad))
             # The parent sees this collector's root entries in the shared pools of its envs.
