@@ -300,16 +300,18 @@ def test_with_a_handle_the_world_model_attaches_to_the_shared_init_pools(
     finally:
         r.undo()
     with m:
-        assert m.env_num == 2 and all(p.shared for p in m.init_pools)
-        assert not m.recur_pool.shared and m.recur_pool.capacity == 6 and m.wm_pool.capacity == 2
+        assert m.env_num == 2 and all(p.shared for p in m.pools())
+        assert m.recur_pool is m.collector.recur_pool  # the shared recur pool, as one collector of it
         m.set_init_cache(1, 77, keyed_entry(77))
         m.set_recur_cache(78, keyed_entry(78))
         assert is_entry_of(shared_manager.get_init_cache(3, 77), 77)  # env 1 here is env 3 there
-        assert shared_manager.get_recur_cache(78) is None  # the per-search pool stays in this process
+        assert is_entry_of(shared_manager.get_recur_cache(78), 78)  # held in the shared recur pool
+        assert m.collector.stored_keys(m.recur_pool) == {78}
+        m.clear_recur_cache()  # a new search: releases this collector's entries only
+        assert shared_manager.get_recur_cache(78) is None and is_entry_of(m.get_init_cache(1, 77), 77)
         m.clear_all()
         assert shared_manager.get_init_cache(3, 77) is None
-        with pytest.raises(ConfigError, match="not shared"):
-            m.handle()
+        assert m.handle() == shared_manager.handle()  # the whole shared manager, for other workers
 
 
 def test_an_attached_world_model_must_fit_the_shared_manager(shared_manager: KVCacheManager) -> None:

@@ -118,6 +118,10 @@ class AttachedKVCacheManager(KVCacheManager):
         self._assemble(cfg, env_num, enable_stats, True, [*c.init_pools, c.recur_pool, c.wm_pool],
                        clear_recur_log_freq, clear_all_log_freq)
 
+    def handle(self) -> ManagerHandle:
+        """The shared manager's handle (every pool), to give to other workers."""
+        return self._shared_manager.handle()
+
     @property
     def collector(self) -> CollectorCaches:
         """This world model's view of the shared manager (its own counts, the keys it holds)."""
