@@ -97,11 +97,6 @@ class SlotTable:
         """A free slot, else the policy's unpinned victim other than ``keep`` (evicted here)."""
         st = self.state
         free = st.free
-        total, held = st.pins.total, st.holds.count
-
-        def is_pinned(slot: int) -> object:  # leased, held by a collector, or the one to keep
-            return slot == keep or held[slot] or total(slot)
-
         if st.shared and time.monotonic_ns() - st.scalars[LAST_REAP_NS] > REAP_INTERVAL_NS:
             if st.reap_dead_workers():
                 self.sweep()  # their half-copied slots too
@@ -109,6 +104,11 @@ class SlotTable:
             self.sweep()
         if free:
             return free.pop()
+        total, held = st.pins.total, st.holds.count
+
+        def is_pinned(slot: int) -> object:  # leased, held by a collector, or the one to keep
+            return slot == keep or held[slot] or total(slot)
+
         victim = st.policy.victim(is_pinned)  # type: ignore[arg-type]  # truthy pin counts
         if victim is None and st.shared:  # maybe the pins belong to a dead worker
             st.reap_dead_workers()
