@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from types import MappingProxyType
 from typing import Any, Callable, List, Mapping, Optional, Tuple, Type, Union
 
@@ -34,10 +33,11 @@ from . import shared as shared_memory
 from .cells import Cells
 from .checks import boolean, instance_of, positive_int, positive_seconds
 from .entry import EntrySpec, KeysValues
-from .errors import ClosedError, ConfigError, EntryMismatchError, HolderError, PoolExhaustedError
+from .errors import ClosedError, ConfigError, EntryMismatchError, HolderError
 from .eviction import EvictionPolicy, EvictionStrategy, check_priority, resolve_policy
 from .keys import check_key
 from .locks import LOCK_KINDS, PoolLock, Releasable, make_lock
+from .pool_writes import WritePaths
 from .shared import PoolHandle, SharedParts
 from .shm import start_time
 from .slots import Occupancy, SlotTable
@@ -85,7 +85,7 @@ class Lease:
         self._slot = -1
 
 
-class KVCachePool:
+class KVCachePool(WritePaths):
     """A thread-safe pool of KV-cache entries under int keys.
 
     Give the size as ``pool_size`` (slots) or ``max_bytes`` (slots = max_bytes // entry bytes).
@@ -503,113 +503,6 @@ class KVCachePool:
         finally:
             held.release()
 
-    def _check_not_closed(self, during: str) -> None:
-        if self._closed:
-            raise ClosedError(f"pool {self.name!r} was closed during {during}")
-
-    def _set_locked(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float, holder: Optional[int]) -> int:
-        """Store under the exclusive lock: rewrite the key's slot in place, or fill another."""
-        slots, storage = self._slots, self._storage
-        assert storage is not None
-        old = self._index.get(key)
-        with slots.changing:
-            with self._meta_lock:
-                # A lease in another process may end right now (unpins take no pool lock), so
-                # a leased old slot must not become the victim: it is retired by publish instead.
-                in_place = old is not None and not self._state.pins.total(old)
-                slot = old if in_place and old is not None else slots.take(keep=old)
-            slots.writing(slot, key)
-            if self._fault is not None:
-                self._fault("writing")
-            try:
-                storage.write(slot, data, sizes)
-            except BaseException:
-                with self._meta_lock:
-                    if in_place:
-                        slots.drop(key, slot)  # never serve a half-written entry; frees the slot
-                    else:
-                        slots.give_back(slot)
-                raise
-            with self._meta_lock:
-                if in_place:
-                    slots.republish(slot, prio)
-                else:
-                    slots.publish(key, slot, prio)
-                if holder is not None:
-                    slots.hold(slot, holder)
-            return slot
-
-    def _set_split(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float, holder: Optional[int]) -> int:
-        """``set`` of a new key in three steps, so that other processes read and write while
-        this one copies: reserve a slot (exclusive lock), copy into it (no lock), publish it
-        (exclusive lock). A rewrite of a stored key is done in place under the lock instead.
-
-        If this process dies mid-copy, reaping its row leaves the reserved slot WRITING with no
-        pin, which the next sweep frees; the key was never published.
-        """
-        slots = self._slots
-        deadline = time.monotonic() + self._timeout
-        while True:
-            held = self._acquire(True)
-            try:
-                self._check_not_closed("set")
-                if self._index.get(key) is not None:
-                    return self._set_locked(key, data, sizes, prio, holder)
-                try:
-                    with slots.changing, self._meta_lock:
-                        slot = slots.reserve()
-                        self._inflight += 1
-                except PoolExhaustedError:
-                    # Slots reserved by writes in flight come back within microseconds: wait
-                    # for them; slots pinned by leases alone are a real exhaustion.
-                    if not slots.any_writing() or time.monotonic() >= deadline:
-                        raise
-                    slot = -1
-                storage = self._storage
-            finally:
-                held.release()
-            if slot >= 0:
-                break
-            time.sleep(0.0001)
-        assert storage is not None
-        try:
-            if self._fault is not None:
-                self._fault("writing")
-            storage.write(slot, data, sizes)
-        except BaseException:
-            self._end_split_write(slot)
-            raise
-        if not self._end_split_write(slot, key, prio, holder):
-            raise ClosedError(f"pool {self.name!r} was closed during set")
-        return slot
-
-    def _end_split_write(self, slot: int, key: Optional[int] = None, prio: float = 0.0,
-                         holder: Optional[int] = None) -> bool:
-        """Under the exclusive lock, end a split write: publish ``slot`` as ``key``'s entry (newer
-        than any value stored meanwhile), or hand the slot back when there is no key (the copy
-        failed) or the pool was closed meanwhile (close() is waiting). Return whether it published."""
-        try:
-            held = self._acquire(True)
-        except BaseException:
-            with self._meta_lock:  # the slot stays pinned until this process closes or exits
-                self._inflight -= 1
-            raise
-        try:
-            slots = self._slots
-            with slots.changing, self._meta_lock:
-                slots.unreserve(slot)
-                self._inflight -= 1
-                publish = key is not None and not self._closed
-                if key is not None and publish:
-                    slots.publish(key, slot, prio)
-                    if holder is not None:
-                        slots.hold(slot, holder)
-                else:
-                    slots.give_back(slot)
-            return publish
-        finally:
-            held.release()
-
     def delete(self, cache_key: int) -> bool:
         """Remove ``cache_key``; return whether it was present."""
         key = check_key(cache_key)
@@ -741,14 +634,6 @@ class KVCachePool:
         if self._parts is not None:
             self._parts.close()
             shared_memory.untrack_forks(self)
-
-    def _wait_for_split_writes(self) -> None:
-        """Let this process's writes that are copying outside the lock finish (each then
-        hands its slot back, seeing the pool closed) before the storage goes away. Bounded by
-        the lock timeout: a thread stuck longer loses its write, not the process its memory."""
-        deadline = time.monotonic() + self._timeout
-        while self._inflight and time.monotonic() < deadline:
-            time.sleep(0.0005)
 
     def __enter__(self) -> "KVCachePool":
         return self

@@ -301,12 +301,12 @@ def test_with_a_handle_the_world_model_attaches_to_the_shared_init_pools(
         r.undo()
     with m:
         assert m.env_num == 2 and all(p.shared for p in m.pools())
-        assert m.recur_pool is m.collector.recur_pool  # the shared recur pool, as one collector of it
+        assert m.recur_pool is m.collector_view.recur_pool  # the shared recur pool, as one collector of it
         m.set_init_cache(1, 77, keyed_entry(77))
         m.set_recur_cache(78, keyed_entry(78))
         assert is_entry_of(shared_manager.get_init_cache(3, 77), 77)  # env 1 here is env 3 there
         assert is_entry_of(shared_manager.get_recur_cache(78), 78)  # held in the shared recur pool
-        assert m.collector.stored_keys(m.recur_pool) == {78}
+        assert m.collector_view.stored_keys(m.recur_pool) == {78}
         m.clear_recur_cache()  # a new search: releases this collector's entries only
         assert shared_manager.get_recur_cache(78) is None and is_entry_of(m.get_init_cache(1, 77), 77)
         m.clear_all()

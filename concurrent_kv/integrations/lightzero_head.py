@@ -21,14 +21,13 @@ import inspect
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type, Union
 
 from ..checks import boolean, non_negative_int, positive_int
 from ..collector import CollectorCaches
 from ..config import ManagerConfig
 from ..errors import ConfigError
 from ..manager import KVCacheManager, ManagerHandle
-from ..pool import KVCachePool
 from .lightzero import IntegrationError
 
 __all__ = [
@@ -123,7 +122,7 @@ class AttachedKVCacheManager(KVCacheManager):
         return self._shared_manager.handle()
 
     @property
-    def collector(self) -> CollectorCaches:
+    def collector_view(self) -> CollectorCaches:
         """This world model's view of the shared manager (its own counts, the keys it holds)."""
         return self._collector
 

@@ -148,7 +148,7 @@ def _pool_keys(wm: Any) -> Dict[str, frozenset]:
     collectors (an attached manager), the keys this one holds."""
     m = wm.kv_cache_manager
     keys = {f"init_env{e}": frozenset(p._key_to_index.keys()) for e, p in enumerate(m.init_pools)}
-    view = getattr(m, "collector", None)
+    view = getattr(m, "collector_view", None)
     keys["recurrent"] = view.stored_keys(m.recur_pool) if view is not None else frozenset(m.recur_pool._key_to_index)
     return keys
 
@@ -195,7 +195,7 @@ def run(model: Any, steps: int = STEPS, seed: int = 0, schedule: Optional[Dict[i
     m = wm.kv_cache_manager
     for name, pool in [*((f"init_env{e}", p) for e, p in enumerate(m.init_pools)), ("recurrent", m.recur_pool)]:
         res.pool_stats[name] = (pool.stats.hits, pool.stats.misses, pool.stats.evictions)
-    view = getattr(m, "collector", None)
+    view = getattr(m, "collector_view", None)
     if view is not None:  # a shared recur pool counts every collector: this one's own lookups
         own = view.stats()["pools"][m.recur_pool.name]
         res.pool_stats["recurrent"] = (own["hits"], own["misses"], 0)  # a held entry is never evicted
