@@ -22,7 +22,7 @@ def positive_int(name: str, value: Any, error: Type[ConcurrentKVError] = ConfigE
 def non_negative_int(name: str, value: Any, error: Type[ConcurrentKVError] = ConfigError) -> int:
     """``value`` if it is an int >= 0 (a bool is not an int here), else ``error``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise error(f"{name} must be an int >= 0, got {value!r}")
+        raise error(f"{name} must be a non-negative int, got {value!r}")
     return value
 
 

@@ -1,12 +1,18 @@
-"""Command line: ``python -m concurrent_kv demo`` (and ``collect``: :mod:`concurrent_kv.collect_cli`)."""
+"""Command line: ``python -m concurrent_kv demo`` (UniZero-shaped collectors) and
+``python -m concurrent_kv shm list|clean`` (the shared-memory files of every pool: see them,
+remove those of dead runs), and ``collect`` (real LightZero collectors: :mod:`concurrent_kv.collect_cli`).
+Installed as ``concurrent-kv``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from typing import List, Optional, Sequence, TextIO
 
+from . import shm_inspect
 from .locks import LOCK_KINDS
 from .manager import KVCacheManager
 from .workload import WorkloadConfig, WorkloadResult, make_manager, run_collectors, run_processes
@@ -100,16 +106,105 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--recur-clear", choices=["auto", "global", "own", "none"], default="auto")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_shm_parser(sub)
     from .collect_cli import register_collect  # real LightZero collectors: their own module
 
     register_collect(sub)
     return parser
 
 
+def _add_shm_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    shm = sub.add_parser("shm", help="list or remove the shared-memory files of shared pools")
+    actions = shm.add_subparsers(dest="shm_command", required=True)
+    listing = actions.add_parser("list", help="every manager and pool: owner, workers, size, age, use, hit rate")
+    cleaning = actions.add_parser("clean", help="remove the files that no live process uses (a crashed run's)")
+    cleaning.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    for p in (listing, cleaning):
+        p.add_argument("--dir", default=None, help="the folder (default: $CONCURRENT_KV_SHM_DIR or /dev/shm)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _owner(pid: int, alive: bool) -> str:
+    return f"{pid} {'alive' if alive else 'dead'}" if pid else "-"
+
+
+def render_listing(listing: shm_inspect.Listing) -> str:
+    """``shm list``'s text: a row per pool (grouped by manager), then the other files."""
+    managers = {p.manager for p in listing.pools if p.manager}
+    lines = [f"{listing.folder}: {_count(len(listing.pools), 'pool')} in {_count(len(managers), 'manager')}, "
+             f"{_count(len(listing.others), 'other file')}"]
+    if listing.pools:
+        rows: List[List[object]] = [
+            [p.manager[:8] or "-", p.name, _owner(p.owner_pid, p.owner_alive), len(p.workers), _size(p.size),
+             _age(p.age_s), f"{p.live}/{p.capacity}", p.pinned, f"{p.hit_rate:.1%}", p.state]
+            for p in listing.pools
+        ]
+        header = ["manager", "pool", "owner", "workers", "size", "age", "used", "pinned", "hit rate", "state"]
+        lines += ["", format_table(rows, header)]
+    if listing.others:
+        rows = [[f.name, _size(f.size), _owner(f.owner_pid, f.owner_alive), "yes" if f.in_use else "no",
+                 f.problem or f"{f.kind} segment"] for f in listing.others]
+        lines += ["", format_table(rows, ["file", "size", "owner", "mapped", "what"])]
+    return "\n".join(lines)
+
+
+def render_clean(report: shm_inspect.CleanReport, dry_run: bool) -> str:
+    """``shm clean``'s text: what went (or would go), what stayed and why."""
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{report.folder}: {verb} {_count(len(report.removed), 'file')} ({_size(report.freed_bytes)}), "
+             f"kept {len(report.kept)}"]
+    lines += [f"  {verb}: {name}" for name in report.removed]
+    lines += [f"  kept: {name}: {why}" for name, why in report.kept]
+    return "\n".join(lines)
+
+
+def _shm(args: argparse.Namespace) -> int:
+    try:
+        return _shm_command(args)
+    except OSError as exc:  # no such folder, or one we may not read
+        print(f"concurrent-kv shm {args.shm_command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _shm_command(args: argparse.Namespace) -> int:
+    if args.shm_command == "list":
+        listing = shm_inspect.scan(args.dir)
+        print(json.dumps(dataclasses.asdict(listing), indent=1) if args.json else render_listing(listing))
+    else:
+        report = shm_inspect.clean(args.dir, dry_run=args.dry_run)
+        print(json.dumps(dataclasses.asdict(report), indent=1) if args.json else render_clean(report, args.dry_run))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if hasattr(args, "handler"):  # a subcommand that runs itself (collect)
         return args.handler(args)
+    if args.command == "shm":
+        return _shm(args)
+    return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
     cfg = WorkloadConfig(
         env_num=args.envs,
         collectors=args.collectors,

@@ -206,9 +206,8 @@ def _collector_rows(phases: List[PhaseResult]) -> str:
 
 def _pool_rows(pools: Dict[str, Dict[str, Any]]) -> str:
     rows = [[name, s["capacity"], s["hits"], s["misses"], f"{s['hit_rate']:.1%}", s["inserts"], s["updates"],
-             s["evictions"], s["rejected"]] for name, s in pools.items()]
-    return format_table(rows, ["pool", "slots", "hits", "misses", "hit rate", "inserts", "updates", "evictions",
-                               "rejected"])
+             s["evictions"]] for name, s in pools.items()]
+    return format_table(rows, ["pool", "slots", "hits", "misses", "hit rate", "inserts", "updates", "evictions"])
 
 
 def _describe(settings: CollectSettings) -> str:
@@ -234,7 +233,7 @@ def report(settings: CollectSettings, legacy: PhaseResult, shared: PhaseResult) 
         f"front) vs LightZero's caches {legacy.kv_bytes / 1024:.0f} KiB in its pools' KeysValues tensors "
         f"({settings.collectors} processes together)",
         f"misses recomputed by the world model: {recomputed[1]} (LightZero's caches: {recomputed[0]}); stores the "
-        f"shared pools refused (every slot held): {sum(s['rejected'] for s in shared.pools.values())}",
+        f"shared pools refused (every slot held; counted by each collector): {shared.total('rejected')}",
         f"hits on entries another collector wrote: {shared.total('foreign_hits')}",
     ]
     return "\n".join(lines)

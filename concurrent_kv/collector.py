@@ -10,9 +10,9 @@ each as if it had the caches to itself:
   and its clears release only its own holds, so another collector's live search tree and roots
   survive them. An entry two collectors stored (the same key) is one copy, kept until its last
   holder lets go;
-* **a miss, never a crash**: when every slot is leased or held, a store is refused (the pool
-  counts it as ``rejected``) and returns -1; the next lookup of that key misses and the caller
-  recomputes, as after an eviction.
+* **a miss, never a crash**: when every slot is leased or held, a store is refused (counted in
+  ``rejected``) and returns -1; the next lookup of that key misses and the caller recomputes, as
+  after an eviction.
 
 Lookups see every live entry of the shared pools, whoever stored it; ``foreign_hits`` counts the
 hits on entries this collector did not store.
@@ -20,7 +20,7 @@ hits on entries this collector did not store.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
 from .checks import positive_int
 from .errors import ClosedError, ConfigError, EnvIdError, PoolExhaustedError
@@ -35,21 +35,29 @@ __all__ = ["CollectorCaches"]
 class CollectorCaches:
     """The starting design's calls for one collector; see the module docstring."""
 
-    def __init__(self, manager: "KVCacheManager", first_env: int = 0, env_num: Optional[int] = None) -> None:
-        if isinstance(first_env, bool) or not isinstance(first_env, int) or first_env < 0:
-            raise ConfigError(f"first_env must be an int >= 0, got {first_env!r}")
-        count = manager.env_num - first_env if env_num is None else positive_int("env_num", env_num)
-        if count <= 0 or first_env + count > manager.env_num:
-            raise ConfigError(
-                f"envs [{first_env}, {first_env + max(count, 0)}) are not all among the manager's {manager.env_num}")
+    def __init__(self, manager: "KVCacheManager", first_env: int = 0, env_num: Optional[int] = None, *,
+                 envs: Optional[Sequence[int]] = None) -> None:
+        """The collector's env ``i`` is the manager's env ``first_env + i`` (``env_num`` of them,
+        by default the rest), or ``envs[i]`` when the manager's envs are given as a list."""
+        if envs is None:
+            if isinstance(first_env, bool) or not isinstance(first_env, int) or first_env < 0:
+                raise ConfigError(f"first_env must be an int >= 0, got {first_env!r}")
+            count = manager.env_num - first_env if env_num is None else positive_int("env_num", env_num)
+            envs = range(first_env, first_env + max(count, 0))
+        envs = list(envs)
+        if not envs or len(set(envs)) != len(envs) or not all(
+                isinstance(e, int) and not isinstance(e, bool) and 0 <= e < manager.env_num for e in envs):
+            raise ConfigError(f"a collector's envs must be distinct ints in [0, {manager.env_num}), got {envs!r}")
         self.manager = manager
-        self.first_env = first_env
-        self.env_num = count
-        self.init_pools: List[KVCachePool] = manager.init_pools[first_env:first_env + count]
+        self.envs = envs
+        self.first_env = envs[0]
+        self.env_num = len(envs)
+        self.init_pools: List[KVCachePool] = [manager.init_pools[e] for e in envs]
         self.recur_pool = manager.recur_pool
         self.wm_pool = manager.wm_pool
         self._holder: Dict[str, int] = {}
-        self._stored: Dict[str, Set[int]] = {}  # keys this collector stored, for foreign_hits
+        self._stored: Dict[str, Set[int]] = {}  # keys this collector stored since its clear
+        self._lookups: Dict[str, List[int]] = {}  # pool name -> [hits, misses] of this collector
         self.foreign_hits = 0
         self.rejected = 0
         self._closed = False
@@ -63,6 +71,7 @@ class CollectorCaches:
             raise
         for name in self._holder:
             self._stored[name] = set()
+            self._lookups[name] = [0, 0]
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -78,6 +87,7 @@ class CollectorCaches:
 
     def _get(self, pool: KVCachePool, key: int, out: Optional[Any]) -> Optional[Any]:
         found = pool.get(key, out)
+        self._lookups[pool.name][found is None] += 1
         if found is not None and key not in self._stored[pool.name]:
             self.foreign_hits += 1
         return found
@@ -163,6 +173,20 @@ class CollectorCaches:
             if holder is not None and not pool.closed:
                 pool.remove_holder(holder)
 
+    def stats(self) -> Dict[str, Any]:
+        """This collector's own counts: hits on entries it did not store, stores refused, and per
+        pool its lookups' hits and misses (a shared pool's own counters sum every collector's)."""
+        pools = {name: {"hits": h, "misses": m} for name, (h, m) in self._lookups.items()}
+        return {"foreign_hits": self.foreign_hits, "rejected": self.rejected, "pools": pools}
+
+    def stored_keys(self, pool: KVCachePool) -> frozenset:
+        """The keys this collector stored in ``pool`` since it last cleared it (in the recur and
+        wm pools: the entries it holds)."""
+        self._check_open()
+        if pool.name not in self._stored:
+            raise ConfigError(f"pool {pool.name!r} is not one of this collector's")
+        return frozenset(self._stored[pool.name])
+
     def __enter__(self) -> "CollectorCaches":
         return self
 
@@ -170,5 +194,5 @@ class CollectorCaches:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"CollectorCaches(envs [{self.first_env}, {self.first_env + self.env_num}) of "
-                f"{self.manager.env_num}, foreign_hits={self.foreign_hits}, rejected={self.rejected})")
+        return (f"CollectorCaches(envs {self.envs} of {self.manager.env_num}, "
+                f"foreign_hits={self.foreign_hits}, rejected={self.rejected})")

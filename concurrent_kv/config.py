@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Union
 
+import torch
+
 from .checks import positive_int, positive_seconds
 from .entry import EntrySpec
 from .errors import ConfigError
@@ -44,6 +46,9 @@ class ManagerConfig:
     embed_dim: Optional[int] = None
     context_length: Optional[int] = None
     max_workers: int = 64
+    # Where a local pool's slots live when shaped from the config (LightZero's world-model config
+    # has ``device``: "cpu", "cuda", "cuda:0"); None means cpu. Shared pools are host memory.
+    device: Optional[Any] = None
 
     def __post_init__(self) -> None:
         for name in _SIZE_FIELDS + _SHAPE_FIELDS + ("max_workers",):
@@ -58,6 +63,13 @@ class ManagerConfig:
         if self.lock not in LOCK_KINDS:
             raise ConfigError(f"config.lock must be one of {LOCK_KINDS}, got {self.lock!r}")
         positive_seconds("config.lock_timeout", self.lock_timeout)
+        if self.device is not None:
+            if isinstance(self.device, bool) or not isinstance(self.device, (str, int, torch.device)):
+                raise ConfigError(f"config.device must be a torch device, str or int, got {self.device!r}")
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise ConfigError(f"config.device must name a torch device, got {self.device!r}: {exc}") from None
 
     @classmethod
     def from_any(cls, config: Any) -> "ManagerConfig":
@@ -79,8 +91,9 @@ class ManagerConfig:
         return cls(**kwargs)
 
     def entry_spec(self) -> Optional[EntrySpec]:
-        """UniZero's entry shape from the config (n=1, float32, CPU), if all four fields are set."""
-        return EntrySpec.for_transformer(self)
+        """UniZero's entry shape from the config (n=1, float32, on ``device``, default cpu), if all
+        four shape fields are set."""
+        return EntrySpec.for_transformer(self, self.device if self.device is not None else "cpu")
 
     def init_size(self) -> int:
         if self.init_pool_size is not None:

@@ -36,8 +36,11 @@ class InvalidKeyError(ConcurrentKVError, TypeError):
     """A cache key is not an int in [0, 2**64) (the range of an xxh64 digest)."""
 
 
-class EnvIdError(ConcurrentKVError, IndexError):
-    """An environment id is not an int in [0, env_num)."""
+class EnvIdError(ConcurrentKVError, IndexError, ValueError):
+    """An environment id is not an int in [0, env_num).
+
+    Also a ``ValueError``: LightZero's main-branch ``KVCacheManager`` raises that for a bad
+    env id, so code written against it keeps catching ours."""
 
 
 class InvalidEntryError(ConcurrentKVError, TypeError):

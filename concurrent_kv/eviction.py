@@ -16,7 +16,7 @@ import heapq
 import math
 from abc import ABC, abstractmethod
 from enum import Enum
-from typing import Any, Callable, Dict, Iterator, List, Optional, Type, Union
+from typing import Callable, Dict, Iterator, List, Optional, Type, Union
 
 import numpy as np
 

@@ -283,9 +283,17 @@ class ProcessLock:
         return _WriteHold(self._fd, inner)
 
     def reopen_after_fork(self) -> None:
-        """In a forked child: a fresh descriptor (the inherited one shares the parent's lock)."""
+        """In a forked child: a fresh descriptor (the inherited one shares the parent's lock).
+
+        Opened through ``/proc/self/fd``, which reaches the same file even once its name is gone
+        (the owner died and its reaper removed the names, and a worker forks); by name otherwise."""
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(f"/proc/self/fd/{self._fd}", flags)
+        except OSError:
+            fd = os.open(self._path, flags)
         os.close(self._fd)  # closing our copy never releases the parent's lock; unlocking would
-        self._fd = os.open(self._path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        self._fd = fd
         self._threads = make_lock(self._kind, self._name)
         self._count_lock = threading.Lock()
         self._readers = 0

@@ -11,11 +11,15 @@ on their init pools.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
-
+import contextlib
+import logging
+import secrets
+import threading
 from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .checks import boolean, instance_of, positive_int
+from . import shared as shared_memory
+from .checks import boolean, instance_of, non_negative_int, positive_int
 from .collector import CollectorCaches
 from .config import ManagerConfig
 from .entry import EntrySpec
@@ -25,6 +29,8 @@ from .shm import AttachError
 from .stats import StatsSnapshot
 
 __all__ = ["KVCacheManager", "ManagerHandle"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,16 @@ class KVCacheManager:
         config: Any,
         env_num: int,
         enable_stats: bool = True,
+        clear_recur_log_freq: int = 1000,
+        clear_all_log_freq: int = 100,
         *,
         shared: bool = False,
         entry_spec: Optional[EntrySpec] = None,
     ) -> None:
         positive_int("env_num", env_num)
         boolean("enable_stats", enable_stats)
+        non_negative_int("clear_recur_log_freq", clear_recur_log_freq)
+        non_negative_int("clear_all_log_freq", clear_all_log_freq)
         boolean("shared", shared)
         if entry_spec is not None:
             instance_of("entry_spec", entry_spec, EntrySpec)
@@ -70,17 +80,20 @@ class KVCacheManager:
             if size > MAX_SLOTS:
                 raise ConfigError(f"pool {name} would have {size:,} slots; a pool holds at most {MAX_SLOTS:,}")
         pools: List[KVCachePool] = []
+        # One id in every pool's description: `concurrent-kv shm list` shows them as one manager.
+        group = shared_memory.grouped(secrets.token_hex(8)) if shared else contextlib.nullcontext()
         try:
-            for size, strategy, name in plan:
-                pools.append(KVCachePool(
-                    size, strategy, enable_stats, name, entry_spec=spec, lock=cfg.lock,
-                    lock_timeout=cfg.lock_timeout, shared=shared, max_workers=cfg.max_workers,
-                ))
+            with group:
+                for size, strategy, name in plan:
+                    pools.append(KVCachePool(
+                        size, strategy, enable_stats, name, entry_spec=spec, lock=cfg.lock,
+                        lock_timeout=cfg.lock_timeout, shared=shared, max_workers=cfg.max_workers,
+                    ))
         except BaseException:
             for p in pools:  # never leave half a manager's segments behind
                 p.close()
             raise
-        self._assemble(cfg, env_num, enable_stats, shared, pools)
+        self._assemble(cfg, env_num, enable_stats, shared, pools, clear_recur_log_freq, clear_all_log_freq)
 
     @staticmethod
     def _pool_plan(cfg: ManagerConfig, n: int) -> List[Tuple[int, Any, str]]:
@@ -91,13 +104,19 @@ class KVCacheManager:
         return plan
 
     def _assemble(self, config: ManagerConfig, env_num: int, enable_stats: bool, shared: bool,
-                  pools: List[KVCachePool]) -> None:
+                  pools: List[KVCachePool], clear_recur_log_freq: int = 1000, clear_all_log_freq: int = 100) -> None:
         """The one assembly step of ``__init__`` and :meth:`attach`."""
         self.config = config
         self.env_num = env_num
         self.enable_stats = enable_stats
         self.shared = shared
         self._closed = False
+        # Clears are logged once every ``*_log_freq`` calls (0: never), as LightZero's main branch does.
+        self.clear_recur_log_freq = clear_recur_log_freq
+        self.clear_all_log_freq = clear_all_log_freq
+        self._clear_recur_counter = 0
+        self._clear_all_counter = 0
+        self._count_lock = threading.Lock()
         self.init_pools: List[KVCachePool] = pools[: self.env_num]
         self.recur_pool = pools[self.env_num]
         self.wm_pool = pools[self.env_num + 1]
@@ -175,14 +194,15 @@ class KVCacheManager:
         found = self._init_pool(env_id).get(cache_key, out)
         return found if found is not None else self.recur_pool.get(cache_key, out)
 
-    def collector(self, first_env: int = 0, env_num: Optional[int] = None) -> CollectorCaches:
+    def collector(self, first_env: int = 0, env_num: Optional[int] = None, *,
+                  envs: Optional[Sequence[int]] = None) -> CollectorCaches:
         """One collector's view of this manager (see :class:`~concurrent_kv.collector.CollectorCaches`):
-        its own root pools (envs ``first_env .. first_env+env_num-1``, claimed exclusively), holds
-        on what it stores in the shared recur and wm pools, clears that release only its holds.
-        ``env_num`` defaults to the rest of the manager's envs."""
+        its own root pools (envs ``first_env .. first_env+env_num-1``, or the list ``envs``,
+        claimed exclusively), holds on what it stores in the shared recur and wm pools, clears
+        that release only its holds. ``env_num`` defaults to the rest of the manager's envs."""
         if self._closed:
             raise ClosedError("KVCacheManager is closed")
-        return CollectorCaches(self, first_env, env_num)
+        return CollectorCaches(self, first_env, env_num, envs=envs)
 
     # -- clearing ------------------------------------------------------------------------
 
@@ -192,6 +212,7 @@ class KVCacheManager:
             p.clear()
         self.keys_values_wm_list.clear()
         self.keys_values_wm_size_list.clear()
+        self._log_clear("all", "Cleared all KV caches")
 
     def clear_init_caches(self, env_id: Optional[int] = None) -> None:
         """Empty one env's init pool, or all of them when ``env_id`` is None."""
@@ -204,6 +225,16 @@ class KVCacheManager:
     def clear_recur_cache(self) -> None:
         """Empty the recur pool (UniZero does this once per MCTS search)."""
         self.recur_pool.clear()
+        self._log_clear("recur", "Cleared recurrent inference cache")
+
+    def _log_clear(self, which: str, what: str) -> None:
+        """Count a clear; log every ``clear_<which>_log_freq``-th one (0: never)."""
+        with self._count_lock:
+            count = getattr(self, f"_clear_{which}_counter") + 1
+            setattr(self, f"_clear_{which}_counter", count)
+        freq = getattr(self, f"clear_{which}_log_freq")
+        if freq > 0 and count % freq == 0:
+            log.info("%s (this message appears every %d calls, total calls: %d)", what, freq, count)
 
     # -- statistics ----------------------------------------------------------------------
 

@@ -26,22 +26,23 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from typing import Any, Callable, List, Optional, Tuple, Type, Union
+from types import MappingProxyType
+from typing import Any, Callable, List, Mapping, Optional, Tuple, Type, Union
 
 from . import shared as shared_memory
 from .cells import Cells
 from .checks import boolean, instance_of, positive_int, positive_seconds
 from .entry import EntrySpec, KeysValues
-from .errors import ClosedError, ConfigError, EntryMismatchError, HolderError, PoolExhaustedError
+from .errors import ClosedError, ConfigError, EntryMismatchError, HolderError
 from .eviction import EvictionPolicy, EvictionStrategy, check_priority, resolve_policy
 from .keys import check_key
 from .locks import LOCK_KINDS, PoolLock, Releasable, make_lock
+from .pool_writes import WritePaths
 from .shared import PoolHandle, SharedParts
 from .shm import start_time
 from .slots import Occupancy, SlotTable
 from .state import LocalState, PoolState
-from .stats import HITS, MISSES, REJECTED, CacheStats, StatsSnapshot
+from .stats import HITS, MISSES, CacheStats, StatsSnapshot
 from .storage import SlotStorage
 
 __all__ = ["KVCachePool", "Lease", "PoolHandle", "Occupancy", "MAX_SLOTS"]
@@ -84,7 +85,7 @@ class Lease:
         self._slot = -1
 
 
-class KVCachePool:
+class KVCachePool(WritePaths):
     """A thread-safe pool of KV-cache entries under int keys.
 
     Give the size as ``pool_size`` (slots) or ``max_bytes`` (slots = max_bytes // entry bytes).
@@ -298,6 +299,11 @@ class KVCachePool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def enable_stats(self) -> bool:
+        """Whether this pool counts hits, misses and evictions (LightZero's attribute name)."""
+        return self._stats_on
+
     def stats_snapshot(self) -> StatsSnapshot:
         """An immutable, consistent copy of the counters (summed over processes when shared)."""
         with self._meta_lock:
@@ -430,6 +436,29 @@ class KVCachePool:
         finally:
             held.release()
 
+    def key_index(self) -> Mapping[int, int]:
+        """A read-only snapshot ``{key: slot}`` of the entries stored now.
+
+        Taken in one hold of the read lock, so it is consistent (no key twice, no slot twice, as
+        of one instant) however many threads or processes write meanwhile; it does not change
+        afterwards. Slot numbers are what :meth:`set` returned.
+        """
+        self._start_call()
+        if self._capacity is None:
+            return MappingProxyType({})
+        held = self._acquire(False)
+        try:
+            return MappingProxyType(dict(self._index.items()))
+        finally:
+            held.release()
+
+    @property
+    def _key_to_index(self) -> Mapping[int, int]:
+        """Compatibility surface for LightZero's main branch, whose ``world_model.py`` reads
+        ``pool._key_to_index.keys()`` to drop token contexts of evicted keys: the
+        :meth:`key_index` snapshot, read-only (LightZero only reads it)."""
+        return self.key_index()
+
     # -- writes --------------------------------------------------------------------------
 
     def _check_out(self, out: Any) -> None:
@@ -452,8 +481,8 @@ class KVCachePool:
         in place (FIFO order unchanged; LRU makes it most recent; PRIORITY takes the new
         priority). ``priority`` (default 0.0) matters to PRIORITY pools: lowest goes first.
         With ``holder`` (from :meth:`add_holder`) the entry is also held by that holder.
-        Raises :class:`PoolExhaustedError` when every slot is pinned by a lease or held (the
-        refusal is counted as ``rejected``; nothing stored changes).
+        Raises :class:`PoolExhaustedError` when every slot is pinned by a lease or held;
+        nothing changes then.
         """
         key = check_key(cache_key)
         prio = 0.0 if priority is None else check_priority(priority)
@@ -461,128 +490,16 @@ class KVCachePool:
         if holder is not None:
             self._check_holder(holder)
         spec, data, sizes = self._check_entry(kv_cache)
+        if self._split_writes:
+            return self._set_split(key, data, sizes, prio, holder)
+        held = self._acquire(True)
         try:
-            if self._split_writes:
-                return self._set_split(key, data, sizes, prio, holder)
-            held = self._acquire(True)
-            try:
-                self._check_not_closed("set")
-                if self._spec is None:
-                    self._allocate_storage(spec)
-                elif spec is not self._spec and spec != self._spec:  # another thread allocated it first
-                    _, data, sizes = self._check_entry(kv_cache)
-                return self._set_locked(key, data, sizes, prio, holder)
-            finally:
-                held.release()
-        except PoolExhaustedError:
-            with self._meta_lock:
-                self._counters[REJECTED] += self._stats_on
-            raise
-
-    def _check_not_closed(self, during: str) -> None:
-        if self._closed:
-            raise ClosedError(f"pool {self.name!r} was closed during {during}")
-
-    def _set_locked(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float, holder: Optional[int]) -> int:
-        """Store under the exclusive lock: rewrite the key's slot in place, or fill another."""
-        slots, storage = self._slots, self._storage
-        assert storage is not None
-        old = self._index.get(key)
-        with slots.changing:
-            with self._meta_lock:
-                # A lease in another process may end right now (unpins take no pool lock), so
-                # a leased old slot must not become the victim: it is retired by publish instead.
-                in_place = old is not None and not self._state.pins.total(old)
-                slot = old if in_place and old is not None else slots.take(keep=old)
-            slots.writing(slot, key)
-            if self._fault is not None:
-                self._fault("writing")
-            try:
-                storage.write(slot, data, sizes)
-            except BaseException:
-                with self._meta_lock:
-                    if in_place:
-                        slots.drop(key, slot)  # never serve a half-written entry; frees the slot
-                    else:
-                        slots.give_back(slot)
-                raise
-            with self._meta_lock:
-                if in_place:
-                    slots.republish(slot, prio)
-                else:
-                    slots.publish(key, slot, prio)
-                if holder is not None:
-                    slots.hold(slot, holder)
-            return slot
-
-    def _set_split(self, key: int, data: Any, sizes: Tuple[int, ...], prio: float, holder: Optional[int]) -> int:
-        """``set`` of a new key in three steps, so that other processes read and write while
-        this one copies: reserve a slot (exclusive lock), copy into it (no lock), publish it
-        (exclusive lock). A rewrite of a stored key is done in place under the lock instead.
-
-        If this process dies mid-copy, reaping its row leaves the reserved slot WRITING with no
-        pin, which the next sweep frees; the key was never published.
-        """
-        slots = self._slots
-        deadline = time.monotonic() + self._timeout
-        while True:
-            held = self._acquire(True)
-            try:
-                self._check_not_closed("set")
-                if self._index.get(key) is not None:
-                    return self._set_locked(key, data, sizes, prio, holder)
-                try:
-                    with slots.changing, self._meta_lock:
-                        slot = slots.reserve()
-                        self._inflight += 1
-                except PoolExhaustedError:
-                    # Slots reserved by writes in flight come back within microseconds: wait
-                    # for them; slots pinned by leases alone are a real exhaustion.
-                    if not slots.any_writing() or time.monotonic() >= deadline:
-                        raise
-                    slot = -1
-                storage = self._storage
-            finally:
-                held.release()
-            if slot >= 0:
-                break
-            time.sleep(0.0001)
-        assert storage is not None
-        try:
-            if self._fault is not None:
-                self._fault("writing")
-            storage.write(slot, data, sizes)
-        except BaseException:
-            self._end_split_write(slot)
-            raise
-        if not self._end_split_write(slot, key, prio, holder):
-            raise ClosedError(f"pool {self.name!r} was closed during set")
-        return slot
-
-    def _end_split_write(self, slot: int, key: Optional[int] = None, prio: float = 0.0,
-                         holder: Optional[int] = None) -> bool:
-        """Under the exclusive lock, end a split write: publish ``slot`` as ``key``'s entry (newer
-        than any value stored meanwhile), or hand the slot back when there is no key (the copy
-        failed) or the pool was closed meanwhile (close() is waiting). Return whether it published."""
-        try:
-            held = self._acquire(True)
-        except BaseException:
-            with self._meta_lock:  # the slot stays pinned until this process closes or exits
-                self._inflight -= 1
-            raise
-        try:
-            slots = self._slots
-            with slots.changing, self._meta_lock:
-                slots.unreserve(slot)
-                self._inflight -= 1
-                publish = key is not None and not self._closed
-                if key is not None and publish:
-                    slots.publish(key, slot, prio)
-                    if holder is not None:
-                        slots.hold(slot, holder)
-                else:
-                    slots.give_back(slot)
-            return publish
+            self._check_not_closed("set")
+            if self._spec is None:
+                self._allocate_storage(spec)
+            elif spec is not self._spec and spec != self._spec:  # another thread allocated it first
+                _, data, sizes = self._check_entry(kv_cache)
+            return self._set_locked(key, data, sizes, prio, holder)
         finally:
             held.release()
 
@@ -717,14 +634,6 @@ class KVCachePool:
         if self._parts is not None:
             self._parts.close()
             shared_memory.untrack_forks(self)
-
-    def _wait_for_split_writes(self) -> None:
-        """Let this process's writes that are copying outside the lock finish (each then
-        hands its slot back, seeing the pool closed) before the storage goes away. Bounded by
-        the lock timeout: a thread stuck longer loses its write, not the process its memory."""
-        deadline = time.monotonic() + self._timeout
-        while self._inflight and time.monotonic() < deadline:
-            time.sleep(0.0005)
 
     def __enter__(self) -> "KVCachePool":
         return self

@@ -4,32 +4,67 @@
 A segment is a file under ``/dev/shm`` (``CONCURRENT_KV_SHM_DIR`` overrides the folder) created
 with mode 0600, ``O_EXCL`` and a random name, sized with ``posix_fallocate`` so that a full
 tmpfs fails *here* with :class:`SharedMemoryError` rather than with a SIGBUS on first touch.
-The first 64 bytes are a header: magic, layout version, owner pid, payload size and a layout
-digest that the attaching side must match. Nothing is ever unpickled from shared memory.
+The first 64 bytes are a header: magic, layout version, kind (meta or data), owner pid and start
+time, payload size and a layout digest that the attaching side must match. Nothing is ever
+unpickled from shared memory.
+
+Every file is listed with :data:`concurrent_kv.reaper.owned` before it is created, so it is
+removed when its owner closes it, exits, or dies in any way (a reaper process sees to the last).
 """
 
 from __future__ import annotations
 
-import atexit
 import mmap
 import os
 import secrets
 import struct
-import weakref
-from typing import List, Optional, Sequence, Set
+from typing import List, NamedTuple, Optional, Sequence, Set, Union
 
 import numpy as np
 import torch
 
-from .errors import ConcurrentKVError
+from .errors import ConcurrentKVError, ConfigError
+from .reaper import owned
 
-__all__ = ["SharedMemoryError", "AttachError", "Segment", "shm_dir", "leftover_segments", "remove_stale_segments"]
+__all__ = [
+    "SharedMemoryError", "AttachError", "Segment", "Header", "shm_dir", "leftover_segments", "remove_stale_segments",
+    "pid_alive", "start_time",
+]
 
 MAGIC = b"CKVSEG01"
-LAYOUT_VERSION = 1
+#: 2: the header records the owner's start time and the segment's kind; a meta segment starts
+#: with a description of its pool (:func:`concurrent_kv.shared.describe`).
+LAYOUT_VERSION = 2
 PREFIX = "ckv-"
-HEADER = struct.Struct("<8sIIQQ32s")  # magic, version, flags, owner pid, payload bytes, layout digest
+#: magic, version, kind, owner pid, payload bytes, owner start time, layout digest (24 bytes)
+HEADER = struct.Struct("<8sIIQQQ24s")
+#: The header's first fields, in the same place in every layout version: enough to tell a
+#: segment of another version (``shm list``) and whose it is.
+HEADER_PREFIX = struct.Struct("<8sIIQQ")
 HEADER_BYTES = 64
+#: Segment kinds (the header's kind field): plain, a pool's metadata, a pool's slot data.
+KIND_PLAIN, KIND_META, KIND_DATA = 0, 1, 2
+
+
+class Header(NamedTuple):
+    magic: bytes
+    version: int
+    kind: int
+    owner_pid: int
+    payload: int
+    owner_start: int
+    digest: bytes
+
+    @classmethod
+    def read(cls, buf: Union[bytes, mmap.mmap]) -> "Header":
+        return cls(*HEADER.unpack_from(buf, 0))
+
+    def owner_alive(self) -> bool:
+        return pid_alive(self.owner_pid, self.owner_start)
+
+
+def _digest_field(digest: bytes) -> bytes:
+    return digest[:24].ljust(24, b"\0")
 
 
 class SharedMemoryError(ConcurrentKVError, OSError):
@@ -60,7 +95,38 @@ def _check_space(folder: str, nbytes: int) -> None:
         )
 
 
-_owned: "weakref.WeakSet[Segment]" = weakref.WeakSet()
+def _create_file(path: str, total: int) -> mmap.mmap:
+    """Create ``path`` (0600, never an existing file nor a link), reserve ``total`` bytes, map it."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, total)  # reserve every page now: ENOSPC here, not SIGBUS later
+        except OSError as exc:
+            raise SharedMemoryError(f"could not reserve {total:,} bytes in {os.path.dirname(path)}: {exc}") from None
+        return mmap.mmap(fd, total)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)  # the mapping keeps the memory; no descriptor stays open
+
+
+def _check_header(path: str, head: Header, size: int, payload_bytes: int, digest: bytes) -> None:
+    """Refuse, with :class:`AttachError`, a segment that is not the one a handle describes, or
+    whose owner is gone (its files are about to be removed: attaching would race that)."""
+    if head.magic != MAGIC:
+        raise AttachError(f"segment {path!r} is not a concurrent_kv segment (bad magic)")
+    if head.version != LAYOUT_VERSION:
+        raise AttachError(f"segment {path!r} has layout version {head.version}, this build reads {LAYOUT_VERSION}")
+    if head.payload != payload_bytes or size < HEADER_BYTES + payload_bytes:
+        raise AttachError(
+            f"segment {path!r} holds {size - HEADER_BYTES} payload bytes, the handle expects {payload_bytes}"
+        )
+    if head.digest != _digest_field(digest):
+        raise AttachError(f"segment {path!r} has another layout (slot shape, dtype or capacity) than the handle")
+    if not head.owner_alive():
+        raise AttachError(f"segment {path!r}: its owner (pid {head.owner_pid}) is gone; the pool went with it")
 
 
 class Segment:
@@ -69,36 +135,31 @@ class Segment:
     def __init__(self, path: str, mm: mmap.mmap, owner: bool) -> None:
         self.path = path
         self._mm: Optional[mmap.mmap] = mm
-        self.owner = owner
-        self.owner_pid = os.getpid() if owner else HEADER.unpack_from(mm, 0)[3]
+        self.owner = owner  # created by this process (a forked child of the creator is not it)
+        self.owner_pid = Header.read(mm).owner_pid
         self._views: List[memoryview] = []
-        if owner:
-            _owned.add(self)
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
 
     @classmethod
-    def create(cls, label: str, payload_bytes: int, digest: bytes) -> "Segment":
+    def create(cls, label: str, payload_bytes: int, digest: bytes, kind: int = KIND_PLAIN) -> "Segment":
+        """A new file of ``payload_bytes`` past the header, owned by this process."""
+        if kind not in (KIND_PLAIN, KIND_META, KIND_DATA):
+            raise ConfigError(f"segment kind must be one of {KIND_PLAIN}, {KIND_META}, {KIND_DATA}, got {kind!r}")
         folder = shm_dir()
         total = HEADER_BYTES + payload_bytes
         _check_space(folder, total)
         path = os.path.join(folder, new_name(label))
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(path, flags, 0o600)
+        owned.add(path)  # before the file exists: from here on, no way of dying leaves it behind
         try:
-            try:
-                os.posix_fallocate(fd, 0, total)  # reserve every page now: ENOSPC here, not SIGBUS later
-            except OSError as exc:
-                raise SharedMemoryError(f"could not reserve {total:,} bytes in {folder}: {exc}") from None
-            mm = mmap.mmap(fd, total)
+            mm = _create_file(path, total)
         except BaseException:
-            os.close(fd)
-            os.unlink(path)
+            owned.discard(path)
             raise
-        os.close(fd)  # the mapping keeps the memory; no descriptor stays open
-        HEADER.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, 0, os.getpid(), payload_bytes, digest.ljust(32, b"\0"))
+        me = os.getpid()
+        HEADER.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, kind, me, payload_bytes, start_time(me), _digest_field(digest))
         return cls(path, mm, owner=True)
 
     @classmethod
@@ -108,7 +169,7 @@ class Segment:
         try:
             fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            raise AttachError(f"segment {path!r} does not exist (was its owner closed?)") from None
+            raise AttachError(f"segment {path!r} does not exist (its owner closed it, or is gone)") from None
         except OSError as exc:
             raise AttachError(f"cannot open segment {path!r}: {exc}") from None
         try:
@@ -119,17 +180,7 @@ class Segment:
         finally:
             os.close(fd)
         try:
-            magic, version, _, _, payload, seg_digest = HEADER.unpack_from(mm, 0)
-            if magic != MAGIC:
-                raise AttachError(f"segment {path!r} is not a concurrent_kv segment (bad magic)")
-            if version != LAYOUT_VERSION:
-                raise AttachError(f"segment {path!r} has layout version {version}, this build reads {LAYOUT_VERSION}")
-            if payload != payload_bytes or size < HEADER_BYTES + payload_bytes:
-                raise AttachError(
-                    f"segment {path!r} holds {size - HEADER_BYTES} payload bytes, the handle expects {payload_bytes}"
-                )
-            if seg_digest != digest.ljust(32, b"\0"):
-                raise AttachError(f"segment {path!r} has another layout (slot shape, dtype or capacity) than the handle")
+            _check_header(path, Header.read(mm), size, payload_bytes, digest)
         except BaseException:
             mm.close()
             raise
@@ -165,7 +216,8 @@ class Segment:
         return flat[skip:].view(*shape)
 
     def close(self, unlink: Optional[bool] = None) -> None:
-        """Unmap (after releasing every view handed out); the owner also unlinks the file."""
+        """Unmap (after releasing every view handed out); the owner also unlinks the file
+        (``unlink`` overrides; a forked child of the owner never does by default)."""
         if self._mm is None:
             return
         for v in reversed(self._views):
@@ -176,12 +228,12 @@ class Segment:
         except BufferError:
             pass  # a caller still holds a view; the mapping goes when it does
         self._mm = None
-        if self.owner if unlink is None else unlink:
+        if (self.owner and self.owner_pid == os.getpid()) if unlink is None else unlink:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-            _owned.discard(self)
+            owned.discard(self.path)
 
 
 def leftover_segments() -> List[str]:
@@ -222,41 +274,15 @@ def pid_alive(pid: int, started: int = 0) -> bool:
 
 
 def remove_stale_segments() -> Set[str]:
-    """Unlink segments whose owner process is gone (left by an owner killed with SIGKILL)."""
-    removed: Set[str] = set()
-    for name in leftover_segments():
-        path = os.path.join(shm_dir(), name)
-        try:
-            with open(path, "rb") as f:
-                head = f.read(HEADER.size)
-            magic, _, _, owner_pid, _, _ = HEADER.unpack(head)
-        except (OSError, struct.error):
-            continue
-        if magic == MAGIC and not pid_alive(owner_pid):
-            try:
-                os.unlink(path)
-                removed.add(name)
-            except FileNotFoundError:
-                pass
-    return removed
+    """Unlink the segments no live process uses (see :func:`concurrent_kv.shm_inspect.clean`);
+    return their names."""
+    from .shm_inspect import clean  # it reads pool layouts, which import this module
+
+    if not os.path.isdir(shm_dir()):
+        return set()  # no folder, nothing left in it
+    return set(clean().removed)
 
 
-@atexit.register
 def _unlink_owned_at_exit() -> None:
-    """An owner that exits without close() still leaves nothing behind."""
-    for seg in list(_owned):
-        if seg.owner and seg.owner_pid == os.getpid():
-            try:
-                os.unlink(seg.path)
-            except FileNotFoundError:
-                pass
-
-
-def _forget_owned_in_child() -> None:
-    # A forked child must never unlink its parent's segments.
-    for seg in list(_owned):
-        seg.owner = False
-    _owned.clear()
-
-
-os.register_at_fork(after_in_child=_forget_owned_in_child)
+    """Remove this process's files now, as its exit would."""
+    owned.unlink_all()

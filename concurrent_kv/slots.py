@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from .errors import InvariantError, PoolExhaustedError
 from .state import (
@@ -97,11 +97,6 @@ class SlotTable:
         """A free slot, else the policy's unpinned victim other than ``keep`` (evicted here)."""
         st = self.state
         free = st.free
-        total, held = st.pins.total, st.holds.count
-
-        def is_pinned(slot: int) -> object:  # leased, held by a collector, or the one to keep
-            return slot == keep or held[slot] or total(slot)
-
         if st.shared and time.monotonic_ns() - st.scalars[LAST_REAP_NS] > REAP_INTERVAL_NS:
             if st.reap_dead_workers():
                 self.sweep()  # their half-copied slots too
@@ -109,6 +104,11 @@ class SlotTable:
             self.sweep()
         if free:
             return free.pop()
+        total, held = st.pins.total, st.holds.count
+
+        def is_pinned(slot: int) -> object:  # leased, held by a collector, or the one to keep
+            return slot == keep or held[slot] or total(slot)
+
         victim = st.policy.victim(is_pinned)  # type: ignore[arg-type]  # truthy pin counts
         if victim is None and st.shared:  # maybe the pins belong to a dead worker
             st.reap_dead_workers()
@@ -360,4 +360,4 @@ class SlotTable:
                 "inserted - evicted - removed != len")
         if self.count_stats:
             s = st.stats.snapshot()
-            require(min(s.hits, s.misses, s.evictions, s.inserts, s.updates, s.rejected) >= 0, "negative counter")
+            require(min(s.hits, s.misses, s.evictions, s.inserts, s.updates) >= 0, "negative counter")

@@ -26,11 +26,11 @@ from .cells import Cells, CountingArrays
 from .entry import EntrySpec
 from .eviction import EvictionPolicy
 from .shm import Segment, pid_alive, start_time
-from .stats import COUNTERS, EVICTIONS, HITS, INSERTS, MISSES, REJECTED, UPDATES, CacheStats, StatsSnapshot
+from .stats import COUNTERS, EVICTIONS, HITS, INSERTS, MISSES, UPDATES, CacheStats, StatsSnapshot
 
 __all__ = [
     "FREE", "WRITING", "READY", "RETIRED", "PoolState", "KeyIndex", "SlotStack", "PinTable",
-    "LocalState", "SharedState", "MetaLayout", "ShmIndex", "ArrayStack",
+    "LocalState", "SharedState", "MetaLayout", "ShmIndex", "ArrayStack", "DESCRIPTION_BYTES",
 ]
 
 # Slot states (the per-slot truth).
@@ -312,7 +312,6 @@ class SharedStats(CacheStats):
     evictions = property(lambda self: int(self._rows[:, EVICTIONS].sum()))
     inserts = property(lambda self: int(self._rows[:, INSERTS].sum()))
     updates = property(lambda self: int(self._rows[:, UPDATES].sum()))
-    rejected = property(lambda self: int(self._rows[:, REJECTED].sum()))
 
     def snapshot(self) -> StatsSnapshot:
         return StatsSnapshot(*(int(x) for x in self._rows.sum(axis=0)))
@@ -327,6 +326,8 @@ class SharedStats(CacheStats):
 
 
 CELL = 8  # every metadata cell is 8 bytes: int64, uint64 (keys) or float64 (priorities)
+#: Bytes at the start of a meta segment's payload that describe the pool (JSON, NUL-padded).
+DESCRIPTION_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -344,18 +345,31 @@ class Region:
 
 class MetaLayout:
     """Where every structure of a shared pool's metadata lies in its segment: the one place
-    offsets and sizes are computed. In order: scalars | index count | slot_key (u64) | slot_state |
-    free stack | token sizes | hash table | worker pids | worker start times | pins (a row per
-    worker) | stats (a row per worker) | hold counts | holder pids and start times | holds (a row
-    per holder; as many holders as workers) | the policy's arrays (handed out in the order the policy
-    asks for them, so every process finds the same)."""
+    offsets and sizes are computed. In order: description | scalars | index count | slot_key (u64)
+    | slot_state | free stack | token sizes | hash table | worker pids | worker start times | pins
+    (a row per worker) | stats (a row per worker) | hold counts | holder pids and start times |
+    holds (a row per holder; as many holders as workers) | the policy's arrays (handed out in the
+    order the policy asks for them, so every process finds the same).
 
-    def __init__(self, capacity: int, policy_cls: Type[EvictionPolicy], spec: EntrySpec, max_workers: int) -> None:
-        self.capacity, self.max_workers, self.policy = capacity, max_workers, policy_cls.name
+    The *description* (:data:`DESCRIPTION_BYTES`, written once by the creator) says in plain JSON
+    what the layout was made from, so a segment can be read without its handle (``shm list``).
+    ``policy`` may be a name only (a policy this process does not know): the layout then stops
+    before the policy's arrays, which come last, so every other region is still found."""
+
+    def __init__(self, capacity: int, policy: Union[Type[EvictionPolicy], str], spec: EntrySpec,
+                 max_workers: int) -> None:
+        self.capacity, self.max_workers = capacity, max_workers
         self.block_shape, self.dtype = spec.block_shape, spec.dtype
-        counting = CountingArrays()
-        policy_cls(capacity, counting)  # what the policy allocates, as it will in the segment
+        policy_cells = 0
+        if isinstance(policy, str):
+            self.policy = policy
+        else:
+            self.policy = policy.name
+            counting = CountingArrays()
+            policy(capacity, counting)  # what the policy allocates, as it will in the segment
+            policy_cells = counting.cells
         parts = [
+            ("description", DESCRIPTION_BYTES // CELL, "B"),
             ("scalars", SCALAR_CELLS, "q"),
             ("index_count", 1, "q"),
             ("slot_key", capacity, "Q"),
@@ -371,7 +385,7 @@ class MetaLayout:
             ("holder_pid", max_workers, "q"),
             ("holder_start", max_workers, "q"),
             ("holds", max_workers * capacity, "q"),
-            ("policy", counting.cells, "q"),
+            ("policy", policy_cells, "q"),
         ]
         self.regions: Dict[str, Region] = {}
         offset = 0

@@ -11,13 +11,13 @@ from dataclasses import dataclass, fields
 from typing import Dict, MutableSequence
 
 __all__ = [
-    "CacheStats", "StatsSnapshot", "COUNTERS", "HITS", "MISSES", "EVICTIONS", "INSERTS", "UPDATES", "REJECTED",
+    "CacheStats", "StatsSnapshot", "COUNTERS", "HITS", "MISSES", "EVICTIONS", "INSERTS", "UPDATES",
 ]
 
 #: The counters, in their order in ``CacheStats.counters`` and in a shared pool's stats rows.
-COUNTERS = ("hits", "misses", "evictions", "inserts", "updates", "rejected")
+COUNTERS = ("hits", "misses", "evictions", "inserts", "updates")
 #: Positions of the counters in ``CacheStats.counters`` (and in a shared pool's stats rows).
-HITS, MISSES, EVICTIONS, INSERTS, UPDATES, REJECTED = range(len(COUNTERS))
+HITS, MISSES, EVICTIONS, INSERTS, UPDATES = range(len(COUNTERS))
 
 
 def _rate(part: int, total: int) -> float:
@@ -52,7 +52,6 @@ class StatsSnapshot(_Rates):
     evictions: int = 0
     inserts: int = 0
     updates: int = 0
-    rejected: int = 0  # stores refused because every slot was leased or held (a later lookup misses)
 
     def __sub__(self, other: "StatsSnapshot") -> "StatsSnapshot":
         if not isinstance(other, StatsSnapshot):
@@ -90,9 +89,8 @@ class CacheStats(_Rates):
 
     __slots__ = ("counters",)
 
-    def __init__(self, hits: int = 0, misses: int = 0, evictions: int = 0, inserts: int = 0, updates: int = 0,
-                 rejected: int = 0):
-        self.counters: MutableSequence[int] = [hits, misses, evictions, inserts, updates, rejected]
+    def __init__(self, hits: int = 0, misses: int = 0, evictions: int = 0, inserts: int = 0, updates: int = 0):
+        self.counters: MutableSequence[int] = [hits, misses, evictions, inserts, updates]
 
     hits = property(lambda self: self.counters[HITS], lambda self, v: self.counters.__setitem__(HITS, v))
     misses = property(lambda self: self.counters[MISSES], lambda self, v: self.counters.__setitem__(MISSES, v))
@@ -101,7 +99,6 @@ class CacheStats(_Rates):
     )
     inserts = property(lambda self: self.counters[INSERTS], lambda self, v: self.counters.__setitem__(INSERTS, v))
     updates = property(lambda self: self.counters[UPDATES], lambda self, v: self.counters.__setitem__(UPDATES, v))
-    rejected = property(lambda self: self.counters[REJECTED], lambda self, v: self.counters.__setitem__(REJECTED, v))
 
     def reset(self) -> None:
         """Set every counter back to zero."""

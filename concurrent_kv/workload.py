@@ -10,6 +10,10 @@ A collector owns some environments and, per env step, does what UniZero's MCTS d
 
 Every stored entry encodes its key (:func:`fill_entry`), so every read is verified
 (:func:`verify_entry`): a torn, stale or aliased entry cannot pass unnoticed.
+
+The collector talks to a :class:`CacheBackend`: :class:`KVCacheManager` is one, and
+``concurrent_kv.testing.legacy_backend.LegacyRingBackend`` (a model of LightZero's own rings) is
+another, so the benchmarks replay one loop, one operation sequence, on both.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 import xxhash
@@ -28,6 +32,7 @@ from .errors import ConfigError
 from .manager import KVCacheManager
 
 __all__ = [
+    "CacheBackend",
     "WorkloadConfig",
     "CollectorResult",
     "WorkloadResult",
@@ -47,6 +52,29 @@ _VALUE_MOD = 8_388_593
 _COMMON_STATES = 16
 
 
+class CacheBackend(Protocol):
+    """The cache calls a collector makes: those of UniZero's MCTS, with the manager's signatures.
+
+    Getters copy a hit into ``out`` and return it (the collector always passes ``out=``: its
+    reads allocate nothing), or return None on a miss. ``recur_clear="own"`` also needs
+    ``collector(envs=...)`` (see :meth:`KVCacheManager.collector`): collectors that share the
+    recur pool then hold what they store and release only their own entries."""
+
+    def get_init_cache(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]: ...
+
+    def hierarchical_get(self, env_id: int, cache_key: int, out: Optional[Any] = None) -> Optional[Any]: ...
+
+    def get_recur_cache(self, cache_key: int, out: Optional[Any] = None) -> Optional[Any]: ...
+
+    def set_init_cache(self, env_id: int, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int: ...
+
+    def set_recur_cache(self, cache_key: int, kv_cache: Any, priority: Optional[float] = None) -> int: ...
+
+    def clear_recur_cache(self) -> Optional[int]: ...  # a collector view says how many it removed
+
+    def clear_init_caches(self, env_id: Optional[int] = None) -> None: ...
+
+
 @dataclass(frozen=True)
 class WorkloadConfig:
     """Shape and length of the workload. Defaults: Atari UniZero (96 KiB entries, 25 sims)."""
@@ -60,7 +88,7 @@ class WorkloadConfig:
     num_heads: int = 8
     context_length: int = 8
     head_dim: int = 96
-    recur_clear: str = "auto"  # "global" (LightZero), "own" (delete own search's keys), "none", "auto"
+    recur_clear: str = "auto"  # "global" (LightZero), "own" (release own holds), "none", "auto"
     shared_keys: float = 0.0  # chance that a child is a state common to every env (a transposition)
     seed: int = 0
 
@@ -85,7 +113,7 @@ class WorkloadConfig:
         if self.recur_clear != "auto":
             return self.recur_clear
         # One collector clears the shared recur pool per search exactly as UniZero does; several
-        # collectors sharing it would wipe each other's live trees, so each deletes its own keys.
+        # collectors sharing it would wipe each other's live trees, so each releases its own holds.
         return "global" if self.collectors == 1 else "own"
 
 
@@ -180,21 +208,42 @@ class WorkloadResult:
 
 
 def run_collector(
-    manager: KVCacheManager,
+    manager: CacheBackend,
     cfg: WorkloadConfig,
     env_ids: Sequence[int],
     collector_id: int,
     on_step: Optional[Callable[[], None]] = None,
     writer: int = 0,
 ) -> CollectorResult:
-    """Run ``cfg.steps`` env steps for the envs ``env_ids`` (one batched search per step).
+    """Run ``cfg.steps`` env steps for the envs ``env_ids`` (one batched search per step) on
+    ``manager``, a :class:`KVCacheManager` or any other :class:`CacheBackend`.
 
     ``writer`` tags every entry this collector writes; a hit on another tag crossed processes."""
+    clear_mode = cfg.clear_mode()
+    if clear_mode != "own":
+        return _run_collector(manager, manager, {e: e for e in env_ids}, cfg, collector_id, on_step, writer)
+    make_view = getattr(manager, "collector", None)
+    if make_view is None:
+        raise ConfigError("recur_clear='own' needs a backend with collector(envs=...), such as a KVCacheManager")
+    view = make_view(envs=list(env_ids))  # this collector's roots and holds
+    try:
+        return _run_collector(manager, view, {e: i for i, e in enumerate(env_ids)}, cfg, collector_id, on_step, writer)
+    finally:
+        view.close()
+
+
+def _run_collector(manager: CacheBackend, caches: CacheBackend, envs: Dict[int, int], cfg: WorkloadConfig,
+                   collector_id: int, on_step: Optional[Callable[[], None]], writer: int) -> CollectorResult:
+    """The collector loop. ``caches`` takes this collector's calls, with env ``e`` as
+    ``envs[e]``: the manager itself, or (``recur_clear="own"``) its collector view, whose
+    clears release only this collector's entries. States common to every env go to ``manager``
+    unheld, so they outlive the search."""
     res = CollectorResult()
     rng = random.Random(entry_key(cfg.seed, collector_id))
     scratch = cfg.spec.empty_entry()  # the world model's staging entry, reused for every write
     out = cfg.spec.empty_entry()  # read buffer: steady-state reads allocate nothing
     clear_mode = cfg.clear_mode()
+    env_ids = list(envs)
     prev_root: Dict[int, Optional[int]] = {e: None for e in env_ids}
 
     def check(got: Any, key: int) -> None:
@@ -207,7 +256,8 @@ def run_collector(
 
     def read(env_id: int, key: int, hierarchical: bool) -> None:
         res.reads += 1
-        got = manager.hierarchical_get(env_id, key, out=out) if hierarchical else manager.get_init_cache(env_id, key, out=out)
+        local = envs[env_id]
+        got = caches.hierarchical_get(local, key, out=out) if hierarchical else caches.get_init_cache(local, key, out=out)
         if got is not None:
             check(got, key)
 
@@ -219,10 +269,9 @@ def run_collector(
                 read(e, previous, hierarchical=False)
         for e in env_ids:
             roots[e] = entry_key(cfg.seed, e, step, -1)
-            manager.set_init_cache(e, roots[e], fill_entry(scratch, roots[e], writer))
+            caches.set_init_cache(envs[e], roots[e], fill_entry(scratch, roots[e], writer))
             res.writes += 1
         trees = {e: [roots[e]] for e in env_ids}
-        own: Dict[int, List[int]] = {e: [] for e in env_ids}  # this search's private nodes
         for sim in range(cfg.num_simulations):
             parents: Dict[int, int] = {}
             for e in env_ids:  # all reads of one batched recurrent call...
@@ -240,23 +289,20 @@ def run_collector(
                         check(got, child)
                         trees[e].append(child)
                         continue
+                    manager.set_recur_cache(child, fill_entry(scratch, child, writer))
                 else:
                     child = entry_key(cfg.seed, e, step, sim)
-                    own[e].append(child)
-                manager.set_recur_cache(child, fill_entry(scratch, child, writer))
+                    caches.set_recur_cache(child, fill_entry(scratch, child, writer))
                 res.writes += 1
                 trees[e].append(child)
         if clear_mode == "global":
             manager.clear_recur_cache()
             res.clears += 1
         elif clear_mode == "own":
-            for e in env_ids:
-                for key in own[e]:
-                    manager.recur_pool.delete(key)
-                    res.deletes += 1
+            res.deletes += caches.clear_recur_cache() or 0  # this search's own entries only
         for e in env_ids:
             if (step + 1) % cfg.episode_length == 0:
-                manager.clear_init_caches(e)
+                caches.clear_init_caches(envs[e])
                 res.clears += 1
                 prev_root[e] = None
             else:
@@ -274,7 +320,7 @@ def make_manager(cfg: WorkloadConfig, shared: bool = False, **config: Any) -> KV
 
 
 def run_collectors(
-    manager: KVCacheManager,
+    manager: CacheBackend,
     cfg: WorkloadConfig,
     on_step: Optional[Callable[[], None]] = None,
     timeout_s: float = 600.0,
@@ -283,7 +329,8 @@ def run_collectors(
     writer: int = 0,
 ) -> WorkloadResult:
     """Run collector threads (``cfg.collectors`` by default) over the envs ``env_ids`` (all by
-    default), sharing ``manager``; ``on_step`` is called once per env step."""
+    default), sharing ``manager`` (any :class:`CacheBackend`); ``on_step`` is called once per
+    env step."""
     envs = list(range(cfg.env_num)) if env_ids is None else list(env_ids)
     count = min(threads or cfg.collectors, len(envs))
     groups = [envs[c::count] for c in range(count)]

@@ -128,9 +128,9 @@ def _phase(phase: str, **extra: int) -> PhaseResult:
 def test_the_report_shows_both_phases_and_their_ratio() -> None:
     shared = _phase("shared", foreign_hits=3, rejected=1)
     shared.pools = {"recurrent": dict(capacity=8, hits=5, misses=1, hit_rate=5 / 6, inserts=4, updates=0,
-                                      evictions=0, rejected=1)}
+                                      evictions=0)}
     text = report(CollectSettings(), _phase("lightzero"), shared)
     assert "1.00x env steps/s, 1.00x env steps per CPU second" in text and "50.0" in text and "foreign hits" in text
-    assert "recomputed by the world model: 40" in text and "refused (every slot held): 1" in text
+    assert "recomputed by the world model: 40" in text and "counted by each collector): 2" in text
     assert "another collector wrote: 6" in text
     assert shared.as_dict()["steps_per_s"] == 50.0 and shared.steps_per_cpu_s == 50.0 and shared.ok

@@ -123,7 +123,7 @@ def test_manager_stats_summary_structured_and_legacy_strings() -> None:
     assert s["stats_enabled"] is True
     assert set(s) == {"stats_enabled", "init_pools", "recur_pool", "wm_pool", "total"}
     assert set(s["init_pools"]) == {"env_0", "env_1"}
-    keys = {"hits", "misses", "evictions", "inserts", "updates", "rejected", "total_queries", "hit_rate", "miss_rate"}
+    keys = {"hits", "misses", "evictions", "inserts", "updates", "total_queries", "hit_rate", "miss_rate"}
     for d in (*s["init_pools"].values(), s["recur_pool"], s["wm_pool"], s["total"]):
         assert set(d) == keys
     assert s["init_pools"]["env_0"]["hits"] == 1 and s["init_pools"]["env_0"]["inserts"] == 1
@@ -157,7 +157,7 @@ def test_manager_flat_stats_and_reset_stats() -> None:
     m.get_recur_cache(9)
     flat = m.flat_stats()
     names = ["init_env0", "init_env1", "recurrent", "world_model"]
-    counters = ["hits", "misses", "evictions", "inserts", "updates", "rejected", "total_queries", "hit_rate", "miss_rate"]
+    counters = ["hits", "misses", "evictions", "inserts", "updates", "total_queries", "hit_rate", "miss_rate"]
     assert set(flat) == {f"kv_cache/{n}/{c}" for n in names for c in counters}
     assert flat["kv_cache/init_env1/hits"] == 1
     assert flat["kv_cache/init_env1/hit_rate"] == 1.0

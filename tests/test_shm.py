@@ -19,7 +19,7 @@ from concurrent_kv import (
     SharedMemoryError,
 )
 from concurrent_kv import shm
-from concurrent_kv.shm import HEADER, Segment, leftover_segments, remove_stale_segments, shm_dir
+from concurrent_kv.shm import HEADER, Header, Segment, leftover_segments, remove_stale_segments, shm_dir
 from concurrent_kv.workload import fill_entry, verify_entry
 
 SPEC = EntrySpec(num_layers=1, num_samples=1, num_heads=2, max_tokens=4, head_dim=4)
@@ -136,10 +136,9 @@ def test_stale_segments_of_a_dead_owner_are_removable() -> None:
     path = seg.path
     seg.close(unlink=False)
     with open(path, "r+b") as f:  # pretend its owner was a pid that no longer exists
-        head = bytearray(f.read(HEADER.size))
-        magic, version, flags, _, payload, digest = HEADER.unpack(head)
+        head = Header.read(f.read(HEADER.size))
         f.seek(0)
-        f.write(HEADER.pack(magic, version, flags, 2**22 + 12345, payload, digest))
+        f.write(HEADER.pack(*head._replace(owner_pid=2**22 + 12345)))
     assert os.path.basename(path) in remove_stale_segments()
     assert not os.path.exists(path)
 
@@ -218,3 +217,124 @@ def test_segment_helpers() -> None:
         assert os.path.basename(junk) not in shm.remove_stale_segments()
     finally:
         os.unlink(junk)
+
+
+# -- the reaper: files go when their owner does, however it ends -----------------------------
+
+
+def _reaper(tmp_path):
+    import subprocess
+    import sys
+
+    from concurrent_kv.reaper import REAPER_SCRIPT
+
+    return subprocess.Popen([sys.executable, "-I", "-S", REAPER_SCRIPT, "0"], stdin=subprocess.PIPE, bufsize=0,
+                            start_new_session=True)
+
+
+def test_reaper_unlinks_what_is_still_listed_at_end_of_file(tmp_path) -> None:
+    kept, gone, target = (tmp_path / n for n in ("kept", "gone", "target"))
+    for p in (kept, gone, target):
+        p.write_bytes(b"x")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    proc = _reaper(tmp_path)
+    for line in (f"+{gone}", f"+{kept}", f"-{kept}", f"+{link}", f"+{tmp_path / 'never-made'}"):
+        proc.stdin.write(line.encode() + b"\n")
+    proc.stdin.close()  # what the kernel does when the owner dies
+    assert proc.wait(10) == 0
+    assert not gone.exists() and kept.exists()
+    assert link.is_symlink() and target.exists()  # a link is never removed nor followed
+
+
+def test_reaper_outlives_the_signals_of_a_dying_owner(tmp_path) -> None:
+    import signal
+    import time
+
+    victim = tmp_path / "segment"
+    victim.write_bytes(b"x")
+    proc = _reaper(tmp_path)
+    proc.stdin.write(f"+{victim}\n".encode())
+    time.sleep(0.3)  # let it install its signal dispositions
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        proc.send_signal(sig)
+    time.sleep(0.2)
+    assert proc.poll() is None and victim.exists()
+    proc.stdin.close()
+    assert proc.wait(10) == 0 and not victim.exists()
+
+
+def test_a_killed_reaper_is_replaced_and_told_everything(tmp_path) -> None:
+    import signal
+    import time
+
+    from concurrent_kv.shm import pid_alive
+
+    from concurrent_kv.reaper import OwnedPaths
+
+    paths = OwnedPaths()
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(b"x")
+    paths.add(str(first))
+    old = paths.reaper_pid()
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(old) and time.monotonic() < deadline:  # dead, not yet reaped (a zombie)
+        time.sleep(0.01)
+    second.write_bytes(b"x")
+    paths.add(str(second))
+    assert paths.reaper_pid() not in (None, old)
+    paths.stop_reaper()  # its pipe closes: the new reaper removes both
+    assert not first.exists() and not second.exists()
+
+
+def test_a_forked_child_neither_holds_nor_feeds_its_parents_reaper(pool: KVCachePool) -> None:
+    from concurrent_kv.reaper import owned
+
+    assert owned.reaper_pid() is not None and pool.handle().meta_path in owned.paths()
+    pid = os.fork()
+    if pid == 0:
+        ok = owned.reaper_pid() is None and owned.paths() == []
+        pool.close()  # a child never removes (nor unlists) its parent's files
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.path.exists(pool.handle().meta_path) and pool.handle().meta_path in owned.paths()
+
+
+def test_attach_refuses_the_segments_of_a_dead_owner(pool: KVCachePool) -> None:
+    h = pool.handle()
+    with open(h.meta_path, "r+b") as f:
+        real = f.read(HEADER.size)
+        for fake in (Header.read(real)._replace(owner_pid=2**22 + 12345),  # a pid that does not run
+                     Header.read(real)._replace(owner_start=1)):  # our pid, reused: not the owner
+            f.seek(0)
+            f.write(HEADER.pack(*fake))
+            f.flush()
+            with pytest.raises(AttachError, match="owner .* is gone"):
+                KVCachePool.attach(h)
+        f.seek(0)
+        f.write(real)
+
+
+def test_a_process_forked_once_the_names_are_gone_still_works() -> None:
+    """A worker that forks after its owner died (its reaper removed the names): the child gets
+    its own lock descriptor through /proc/self/fd, not by the vanished name."""
+    with KVCachePool(4, shared=True, entry_spec=SPEC, name="names-gone") as p:
+        p.set(1, fill_entry(SPEC.empty_entry(), 1))
+        h = p.handle()
+        for path in (h.meta_path, h.data_path):
+            os.unlink(path)  # what the reaper does when the owner dies
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                p.set(2, fill_entry(SPEC.empty_entry(), 2))
+                code = 0 if verify_entry(p.get(1), 1) and verify_entry(p.get(2), 2) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert verify_entry(p.get(2), 2)
+        p.check()

@@ -95,7 +95,7 @@ def test_snapshot_is_frozen_and_differences_give_interval_deltas() -> None:
 
 def test_flat_dict_for_loggers() -> None:
     d = CacheStats(hits=1, misses=3, inserts=2).as_dict()
-    assert d == {"hits": 1, "misses": 3, "evictions": 0, "inserts": 2, "updates": 0, "rejected": 0,
+    assert d == {"hits": 1, "misses": 3, "evictions": 0, "inserts": 2, "updates": 0,
                  "total_queries": 4, "hit_rate": 0.25, "miss_rate": 0.75}
 
 

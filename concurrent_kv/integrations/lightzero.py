@@ -454,6 +454,7 @@ class LightZeroCacheAdapter:
     def stats_summary(self) -> Dict[str, Any]:
         """The manager's summary, plus the validation tally and the mode."""
         summary = self.manager.get_stats_summary()
+        summary["collector"] = self.collector.stats()  # refused stores (recomputed), foreign hits
         summary["mode"] = self.mode
         summary["validation"] = self.validation.as_dict()
         return summary

@@ -107,7 +107,7 @@ def test_collect_command_runs_both_phases_and_leaves_no_shared_memory(tmp_path) 
     assert [r["first_env"] for r in shared["reports"]] == [0, 2]
     assert all("foreign_hits" in r and "rejected" in r for r in shared["reports"])
     assert set(shared["pools"]) == {"init_env0", "init_env1", "init_env2", "init_env3", "recurrent", "world_model"}
-    assert all({"hits", "misses", "rejected", "hit_rate"} <= set(s) for s in shared["pools"].values())
+    assert all({"hits", "misses", "inserts", "evictions", "hit_rate"} <= set(s) for s in shared["pools"].values())
     assert shared["pools"]["recurrent"]["inserts"] > 0
     assert shared["kv_bytes"] > 0 and legacy["kv_bytes"] > 0
     assert os.listdir(shm) == []  # every segment unlinked

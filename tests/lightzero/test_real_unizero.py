@@ -163,3 +163,21 @@ def test_numpy_is_the_1x_line_here() -> None:
     import numpy
 
     assert numpy.__version__.startswith("1.")
+
+
+def test_a_full_recur_pool_is_a_miss_that_recomputes_never_a_crash(base_model) -> None:
+    """A recur pool half the size one search needs, every entry held by the search: the stores
+    that find no slot are refused, their lookups miss, and LightZero 0.2.0 recomputes them on its
+    generate path (with its own caches the same miss indexes its slot list with None)."""
+    model = twin(base_model)
+    wm = model.world_model
+    manager = KVCacheManager({"init_pool_size": len(wm.shared_pool_init_infer[0]),
+                              "recur_pool_size": NUM_SIM * ENV_NUM // 2, "wm_pool_size": len(wm.shared_pool_wm)},
+                             ENV_NUM)
+    adapter = attach(wm, manager, mode="new")
+    result = run_steps(model, 3)
+    assert adapter.collector.rejected > 0
+    assert adapter.stats_summary()["collector"]["rejected"] == adapter.collector.rejected
+    assert 0 < result["recur_hits"] < result["recur_queries"]  # the refused entries were recomputed
+    assert all(torch.isfinite(t).all() for t in result["outputs"])
+    manager.check()

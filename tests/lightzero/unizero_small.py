@@ -58,8 +58,30 @@ def twin(model: Any) -> Any:
     return copy.deepcopy(model)
 
 
-def run_steps(model: Any, steps: int, seed: int = 0, env_ids: List[int] = None) -> Dict[str, Any]:
-    """Drive ``steps`` env steps; return every output and the world model's hit counters."""
+#: The clears a UniZero run makes besides the per-search one inside ``initial_inference``.
+CLEARS = ("reset_collect", "clear_caches")
+
+
+def clear(wm: Any, kind: str) -> None:
+    """``reset_collect``: what ``UniZeroPolicy._reset_collect`` does every 200 steps of an episode;
+    ``clear_caches``: what training phases call (``recompute_pos_emb_diff_and_clear_cache``)."""
+    if kind == "reset_collect":
+        for env_dict in wm.past_kv_cache_init_infer_envs:
+            env_dict.clear()
+        wm.past_kv_cache_recurrent_infer.clear()
+        wm.keys_values_wm_list.clear()
+    elif kind == "clear_caches":
+        wm.clear_caches()
+    else:
+        raise ValueError(f"unknown clear {kind!r}; expected one of {CLEARS}")
+
+
+def run_steps(model: Any, steps: int, seed: int = 0, env_ids: List[int] = None,
+              clears: Dict[int, str] = None, before_step: Any = None) -> Dict[str, Any]:
+    """Drive ``steps`` env steps; return every output and the world model's hit counters.
+
+    ``seed`` picks the observation stream; ``clears`` maps a step to a clear made before it;
+    ``before_step(step)`` is called at the start of every step (to synchronise collectors)."""
     torch.set_num_threads(1)
     rng = np.random.RandomState(seed)
     wm = model.world_model
@@ -70,6 +92,10 @@ def run_steps(model: Any, steps: int, seed: int = 0, env_ids: List[int] = None) 
     cur_obs = torch.from_numpy(rng.randn(ENV_NUM, OBS_DIM).astype(np.float32))
     timestep = np.zeros(ENV_NUM, dtype=np.int64)
     for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        if clears and step in clears:
+            clear(wm, clears[step])
         with torch.no_grad():
             out = model.initial_inference(last_obs, last_action, cur_obs, timestep)
         calls["initial"] += 1

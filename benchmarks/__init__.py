@@ -1,0 +1,1 @@
+"""The benchmarks of concurrent_kv, as a package: ``python -m benchmarks.kvbench`` (see kvbench)."""
