@@ -7,7 +7,6 @@ the same stream again in step with the other collectors, and compares every outp
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any, Dict, Optional
@@ -38,9 +37,11 @@ def compare(ours: Dict[str, Any], reference: Dict[str, Any]) -> Dict[str, int]:
 
 
 def run_collector(handle: Any, index: int, obs_seed: int, barrier: Any, results: Any,
-                  stall_at: Optional[int] = None) -> None:
-    """One collector process. With ``stall_at``, it stops at that step, holding its entries,
-    and waits to be killed."""
+                  stall_at: Optional[int] = None, stalled: Any = None) -> None:
+    """One collector process. With ``stall_at``, it stops at that step, holding its entries, sets
+    ``stalled`` and waits to be killed. (It signals with an Event, not the results queue: a
+    process killed right after a ``Queue.put`` can die holding the queue's write lock, and every
+    later ``put`` of the other collectors would then block for ever.)"""
     torch.set_num_threads(1)
     base = build_model(seed=0)  # same weights in every collector
     reference = run_steps(twin(base), STEPS, seed=obs_seed, clears=schedule(index))
@@ -54,7 +55,7 @@ def run_collector(handle: Any, index: int, obs_seed: int, barrier: Any, results:
         except threading.BrokenBarrierError:
             pass  # a collector was killed: the rest go on, each at its own pace
         if step == stall_at:
-            results.put({"index": index, "stalled": os.getpid()})
+            stalled.set()
             time.sleep(600)
 
     barrier.wait(300)
