@@ -45,7 +45,8 @@ def start_collectors(manager: KVCacheManager, seeds: List[int], victim: Optional
                      stall_at: int = 0):
     """One spawned collector per observation seed; collector ``victim`` stalls at ``stall_at``."""
     ctx = mp.get_context("spawn")
-    barrier, results, stalled = ctx.Barrier(len(seeds) + 1), ctx.Queue(), ctx.Event()
+    barrier, results = ctx.Barrier(len(seeds) + 1), ctx.Queue()
+    stalled = ctx.Event() if victim is not None else None
     procs = [ctx.Process(target=run_collector,
                          args=(manager.handle(), i, seed, barrier, results, stall_at if i == victim else None,
                                stalled))
