@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
+from .batch import PinnedBatch, SizesLike, WriteBatch
 from .checks import positive_int
+from .entry import EntrySpec
 from .errors import ClosedError, ConfigError, EnvIdError, PoolExhaustedError
 from .pool import KVCachePool
 
@@ -130,6 +132,50 @@ class CollectorCaches:
         """This collector's root pool of env ``env_id`` first, then the shared recur pool."""
         found = self.get_init_cache(env_id, cache_key, out)
         return found if found is not None else self.get_recur_cache(cache_key, out)
+
+    # -- batches: one lock acquisition per pool, one tensor operation per batch ---------------------
+
+    def pin_init(self, env_id: int, cache_key: int) -> PinnedBatch:
+        """Pin this collector's root entry of env ``env_id`` (a one-key batch; see
+        :meth:`KVCachePool.lookup_many`)."""
+        pool = self._init_pool(env_id)
+        return self._count_foreign(pool, pool.lookup_many([cache_key]))
+
+    def pin_recur_many(self, cache_keys: Sequence[int]) -> PinnedBatch:
+        """Pin the recur entries of ``cache_keys``, whoever stored them, under one lock."""
+        self._check_open()
+        return self._count_foreign(self.recur_pool, self.recur_pool.lookup_many(cache_keys))
+
+    def _count_foreign(self, pool: KVCachePool, batch: PinnedBatch) -> PinnedBatch:
+        stored = self._stored[pool.name]
+        self.foreign_hits += sum(1 for k, s in zip(batch.keys, batch.slots) if s >= 0 and k not in stored)
+        return batch
+
+    def write_init(self, env_id: int, cache_key: int, size: SizesLike,
+                   entry_spec: Optional[EntrySpec] = None) -> WriteBatch:
+        """Reserve a slot for a root entry of env ``env_id`` (not held: the pool is this
+        collector's own); write it, then :meth:`commit`. Refused (counted) if every slot is leased."""
+        return self._reserve(self._init_pool(env_id), [cache_key], [size], entry_spec, hold=False)
+
+    def write_recur_many(self, cache_keys: Sequence[int], sizes: Sequence[SizesLike],
+                         entry_spec: Optional[EntrySpec] = None) -> WriteBatch:
+        """Reserve held recur slots for a batch; the refused ones (every slot leased or held)
+        are counted in ``rejected`` and will miss later, so the caller recomputes them."""
+        self._check_open()
+        return self._reserve(self.recur_pool, cache_keys, sizes, entry_spec, hold=True)
+
+    def _reserve(self, pool: KVCachePool, keys: Sequence[int], sizes: Sequence[SizesLike],
+                 entry_spec: Optional[EntrySpec], hold: bool) -> WriteBatch:
+        holder = self._holder[pool.name] if hold else None
+        batch = pool.write_many(list(keys), list(sizes), holder=holder, partial=True, entry_spec=entry_spec)
+        self.rejected += batch.refused
+        return batch
+
+    def commit(self, batch: WriteBatch) -> List[int]:
+        """Publish a batch from :meth:`write_init` or :meth:`write_recur_many`; its slots."""
+        slots = batch.commit()
+        self._stored[batch.pool.name].update(k for k, s in zip(batch.keys, slots) if s >= 0)
+        return slots
 
     # -- clears release this collector's holds only ------------------------------------------------
 

@@ -27,9 +27,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
 
 from . import shared as shared_memory
+from .batch import PinnedBatch, SizesLike, WriteBatch, check_keys, check_sizes, entries_data
 from .cells import Cells
 from .checks import boolean, instance_of, positive_int, positive_seconds
 from .entry import EntrySpec, KeysValues
@@ -410,6 +413,200 @@ class KVCachePool:
         # Only this process's pin row changes; a retired slot is reclaimed by the next writer.
         with self._meta_lock:
             self._own_pins[slot] -= 1
+
+    # -- batches (see concurrent_kv.batch) ------------------------------------------------
+
+    def lookup_many(self, cache_keys: Sequence[int]) -> PinnedBatch:
+        """Look every key up under one lock acquisition and pin the hits: a :class:`PinnedBatch`
+        whose slot tensors can be read without a lock (one gather for the whole batch).
+
+        Hits and misses are counted as ``get`` counts them. Release the batch (or use it as a
+        ``with`` block) once its slots are read: a pinned slot is never reused.
+        """
+        keys = check_keys(cache_keys)
+        self._start_call()
+        return self._pin_many(keys)
+
+    def _pin_many(self, keys: List[int]) -> PinnedBatch:
+        if self._capacity is None:
+            with self._meta_lock:
+                self._counters[MISSES] += self._stats_on * len(keys)
+            return PinnedBatch(self, keys, [-1] * len(keys), None)
+        held = self._acquire(self._read_exclusive)
+        try:
+            index = self._index
+            slots = [-1 if s is None else s for s in map(index.get, keys)]
+            with self._meta_lock:
+                pins, hits = self._own_pins, 0
+                for slot in slots:
+                    if slot >= 0:
+                        pins[slot] += 1
+                        hits += 1
+                        if self._touch_on_read:
+                            self._policy.touch(slot)
+                self._counters[HITS] += self._stats_on * hits
+                self._counters[MISSES] += self._stats_on * (len(keys) - hits)
+            return PinnedBatch(self, keys, slots, self._storage)
+        finally:
+            held.release()
+
+    def _unpin_many(self, slots: List[int]) -> None:
+        with self._meta_lock:
+            pins = self._own_pins
+            for slot in slots:
+                pins[slot] -= 1
+
+    def get_many(self, cache_keys: Sequence[int], out: torch.Tensor) -> List[Optional[Tuple[int, ...]]]:
+        """Copy every hit's entry into ``out[i]`` with one tensor operation; return each hit's
+        token counts (K0, V0, K1, ...) and None for a miss, whose row is left as it was.
+
+        ``out`` is a tensor ``(len(keys), 2 * layers, n, heads, max_tokens, head_dim)`` of the
+        pool's dtype on its device (see :attr:`EntrySpec.block_shape`).
+        """
+        keys = check_keys(cache_keys)
+        self._start_call()
+        if not isinstance(out, torch.Tensor):
+            raise EntryMismatchError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        spec = self._spec
+        if spec is not None and (out.shape != (len(keys), *spec.block_shape) or out.dtype != spec.dtype
+                                 or out.device != spec.device):
+            raise EntryMismatchError(
+                f"out is {tuple(out.shape)} {out.dtype} on {out.device}; this batch needs "
+                f"{(len(keys), *spec.block_shape)} {spec.dtype} on {spec.device}")
+        with self._pin_many(keys) as batch:
+            hits = [i for i, slot in enumerate(batch.slots) if slot >= 0]
+            if hits:
+                rows = (out.detach() if out.requires_grad else out).unbind(0)
+                torch._foreach_copy_([rows[i] for i in hits], [batch.view(i) for i in hits])
+            return [batch.sizes(i) if slot >= 0 else None for i, slot in enumerate(batch.slots)]
+
+    def write_many(self, cache_keys: Sequence[int], sizes: Sequence[SizesLike], priority: Optional[float] = None,
+                   *, holder: Optional[int] = None, partial: bool = False,
+                   entry_spec: Optional[EntrySpec] = None) -> WriteBatch:
+        """Reserve a slot per key under one lock acquisition: a :class:`WriteBatch` whose slot
+        tensors the caller writes (one scatter for the whole batch), then commits.
+
+        ``sizes[i]`` is entry ``i``'s token count (an int, or one per cache). A key already
+        stored gets a new slot at the commit, its old one is freed (FIFO: it becomes newest).
+        Raises :class:`PoolExhaustedError`, changing nothing, when the pool cannot free a slot
+        for every key (pinned or held); with ``partial=True`` it reserves what it can and the
+        batch reports the rest as refused. ``entry_spec`` shapes a pool that has no slots yet.
+        """
+        keys = check_keys(cache_keys)
+        prio = 0.0 if priority is None else check_priority(priority)
+        boolean("partial", partial)
+        if entry_spec is not None:
+            instance_of("entry_spec", entry_spec, EntrySpec)
+        self._start_call()
+        if holder is not None:
+            self._check_holder(holder)
+        spec = self._spec if self._spec is not None else entry_spec
+        if spec is None:
+            raise EntryMismatchError(f"pool {self.name!r} has no slots yet: pass entry_spec= (or set one entry)")
+        if entry_spec is not None and entry_spec != spec:
+            raise EntryMismatchError(f"entry_spec {entry_spec} differs from the pool's slots {spec}")
+        rows = check_sizes(sizes, len(keys), 2 * spec.num_layers, spec.max_tokens)
+        slots = self._reserve_many(keys, spec, partial)
+        assert self._storage is not None
+        return WriteBatch(self, keys, slots, rows, prio, holder, self._storage)
+
+    def _reserve_many(self, keys: List[int], spec: EntrySpec, partial: bool) -> List[int]:
+        """Reserve one slot per distinct key (split writes: WRITING and pinned); the slot of each
+        position, -1 where refused. Waits, bounded by the lock timeout, for other writers' slots."""
+        last = {k: i for i, k in enumerate(keys)}
+        order = sorted(last, key=last.__getitem__)  # each key once, in the order of its last position
+        deadline = time.monotonic() + self._timeout
+        while True:
+            held = self._acquire(True)
+            try:
+                self._check_not_closed("write_many")
+                if self._spec is None:
+                    self._allocate_storage(spec)
+                got = self._reserve_locked(len(order), partial, time.monotonic() < deadline)
+            finally:
+                held.release()
+            if got is not None:
+                where = dict(zip(order, got))
+                return [where.get(k, -1) for k in keys]
+            time.sleep(0.0001)
+
+    def _reserve_locked(self, count: int, partial: bool, may_wait: bool) -> Optional[List[int]]:
+        """Under the exclusive lock: ``count`` reserved slots (fewer if ``partial``), or None to
+        wait for other writers' slots, or :class:`PoolExhaustedError` with nothing changed."""
+        slots = self._slots
+        with slots.changing, self._meta_lock:
+            if not partial and not slots.can_take(count):
+                if may_wait and slots.any_writing():
+                    return None
+                raise PoolExhaustedError(f"{self.name}: cannot free {count} slots; the others are pinned or held")
+            got: List[int] = []
+            try:
+                while len(got) < count:
+                    got.append(slots.reserve())
+            except PoolExhaustedError:
+                pass  # partial: the rest are refused
+            if got:
+                self._inflight += 1
+            return got
+
+    def _end_writes(self, slots: List[int], keys: Optional[List[int]], prio: float, holder: Optional[int]) -> bool:
+        """Under the exclusive lock, end a batch of split writes: publish ``slots`` as ``keys``'
+        entries (held by ``holder``), or hand them back when ``keys`` is None or the pool was
+        closed meanwhile. Return whether it published."""
+        if not slots:
+            return not self._closed
+        try:
+            held = self._acquire(True)
+        except BaseException:
+            with self._meta_lock:
+                self._inflight -= 1
+            raise
+        try:
+            table = self._slots
+            with table.changing, self._meta_lock:
+                self._inflight -= 1
+                publish = keys is not None and not self._closed
+                for i, slot in enumerate(slots):
+                    table.unreserve(slot)
+                    if keys is not None and publish:
+                        table.publish(keys[i], slot, prio)
+                        if holder is not None:
+                            table.hold(slot, holder)
+                    else:
+                        table.give_back(slot)
+            return publish
+        finally:
+            held.release()
+
+    def set_many(self, cache_keys: Sequence[int], entries: Any, sizes: Optional[Sequence[SizesLike]] = None,
+                 priority: Optional[float] = None, *, holder: Optional[int] = None, partial: bool = False) -> List[int]:
+        """Deep-copy a batch of entries into the pool with one tensor operation; return each
+        key's slot (-1 where refused, with ``partial=True``).
+
+        ``entries`` is a sequence of entries (``KeysValues``, ours or LightZero's) or one tensor
+        ``(len(keys), 2 * layers, n, heads, max_tokens, head_dim)`` with ``sizes``. Everything is
+        validated before anything changes; semantics as :meth:`write_many` (a key given twice is
+        stored once, from its last position).
+        """
+        keys = check_keys(cache_keys)
+        self._start_call()
+        spec, data, rows = entries_data(self._spec, entries, sizes, len(keys))
+        batch = self.write_many(keys, rows, priority, holder=holder, partial=partial, entry_spec=spec)
+        with batch:
+            dst: List[torch.Tensor] = []
+            src: List[torch.Tensor] = []
+            for i in batch.positions():
+                block = data[i]
+                if isinstance(block, torch.Tensor):  # one of our entries, or a row of a tensor batch
+                    target = batch.view(i)
+                    assert target is not None
+                    dst.append(target)
+                    src.append(block)
+                else:  # LightZero's layout: one tensor per cache
+                    dst += batch.parts(i)
+                    src += block
+            torch._foreach_copy_(dst, src)
+        return batch.slots
 
     def __contains__(self, cache_key: object) -> bool:
         key = check_key(cache_key)

@@ -125,6 +125,21 @@ class SlotTable:
         st.stats.counters[EVICTIONS] += self.count_stats
         return victim
 
+    def can_take(self, count: int) -> bool:
+        """Whether ``count`` slots can be taken now (free, retired and unpinned, or evictable),
+        so that a batch is refused before anything is evicted. O(capacity) only when the free
+        stack alone is too short."""
+        st = self.state
+        if len(st.free) >= count:
+            return True
+        if st.shared:
+            st.reap_dead_workers()
+        if st.scalars[RETIRED_COUNT] or st.shared:
+            self.sweep()
+        total, held = st.pins.total, st.holds.count
+        spare = sum(1 for slot in st.index.values() if not held[slot] and not total(slot))
+        return len(st.free) + spare >= count
+
     def reserve(self) -> int:
         """Take a slot for a split write: WRITING and pinned in this process's row, so no one
         else serves, evicts or frees it while it is copied into outside the lock."""

@@ -49,7 +49,11 @@ class SlotStorage:
         base = slot * self._width
         return tuple(self._sizes[base : base + self._width])
 
-    def _record_sizes(self, slot: int, sizes: Tuple[int, ...]) -> None:
+    def slot(self, slot: int) -> torch.Tensor:
+        """``slot``'s tensor ``(2 * layers, n, heads, max_tokens, head_dim)`` (a view made once)."""
+        return self._slots[slot]
+
+    def record_sizes(self, slot: int, sizes: Tuple[int, ...]) -> None:
         cells, i = self._sizes, slot * self._width
         for size in sizes:
             cells[i] = size
@@ -68,10 +72,11 @@ class SlotStorage:
         if isinstance(data, torch.Tensor):
             self._slots[slot].copy_(data.detach() if data.requires_grad else data)
         else:
-            torch._foreach_copy_(self._parts_of(slot), [t.detach() for t in data])
-        self._record_sizes(slot, sizes)
+            torch._foreach_copy_(self.parts(slot), [t.detach() for t in data])
+        self.record_sizes(slot, sizes)
 
-    def _parts_of(self, slot: int) -> List[torch.Tensor]:
+    def parts(self, slot: int) -> List[torch.Tensor]:
+        """``slot``'s K0, V0, K1, ... tensors (views made on first use)."""
         parts = self._parts[slot]
         if parts is None:
             parts = self._parts[slot] = list(self._slots[slot].unbind(0))
@@ -87,7 +92,7 @@ class SlotStorage:
             (target.detach() if target.requires_grad else target).copy_(self._slots[slot])
         else:
             tensors, _ = entry_tensors(out)
-            torch._foreach_copy_([t.detach() for t in tensors], self._parts_of(slot))
+            torch._foreach_copy_([t.detach() for t in tensors], self.parts(slot))
         self._give_sizes(slot, out)
         return out
 
@@ -101,9 +106,9 @@ class SlotStorage:
         """
         kv = self._views[slot]
         if kv is None:
-            kv = self._views[slot] = KeysValues.from_block(self._slots[slot], self.sizes(slot), self._parts_of(slot))
+            kv = self._views[slot] = KeysValues.from_block(self._slots[slot], self.sizes(slot), self.parts(slot))
             return kv
-        parts, cells, base = self._parts_of(slot), self._sizes, slot * self._width
+        parts, cells, base = self.parts(slot), self._sizes, slot * self._width
         i = 0
         for layer in kv._keys_values:
             k, v = layer._k_cache, layer._v_cache
