@@ -38,9 +38,9 @@ def compare(ours: Dict[str, Any], reference: Dict[str, Any]) -> Dict[str, int]:
 
 
 def run_collector(handle: Any, index: int, obs_seed: int, barrier: Any, results: Any,
-                  stall_at: Optional[int] = None) -> None:
+                  stall_at: Optional[int] = None, flushed: Any = None) -> None:
     """One collector process. With ``stall_at``, it stops at that step, holding its entries,
-    and waits to be killed."""
+    sets ``flushed`` once its message is out, and waits to be killed."""
     torch.set_num_threads(1)
     base = build_model(seed=0)  # same weights in every collector
     reference = run_steps(twin(base), STEPS, seed=obs_seed, clears=schedule(index))
@@ -55,6 +55,11 @@ def run_collector(handle: Any, index: int, obs_seed: int, barrier: Any, results:
             pass  # a collector was killed: the rest go on, each at its own pace
         if step == stall_at:
             results.put({"index": index, "stalled": os.getpid()})
+            # The kill must wait until the message is flushed and the queue's write lock let go:
+            # a collector killed while its feeder thread holds that lock blocks the others' puts.
+            results.close()
+            results.join_thread()
+            flushed.set()
             time.sleep(600)
 
     barrier.wait(300)

@@ -46,12 +46,13 @@ def start_collectors(manager: KVCacheManager, seeds: List[int], victim: Optional
     """One spawned collector per observation seed; collector ``victim`` stalls at ``stall_at``."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(len(seeds) + 1), ctx.Queue()
+    flushed = ctx.Event() if victim is not None else None
     procs = [ctx.Process(target=run_collector,
-                         args=(manager.handle(), i, seed, barrier, results, stall_at if i == victim else None))
+                         args=(manager.handle(), i, seed, barrier, results, stall_at if i == victim else None, flushed))
              for i, seed in enumerate(seeds)]
     for p in procs:
         p.start()
-    return procs, barrier, results
+    return procs, barrier, results, flushed
 
 
 def stop(procs) -> None:
@@ -63,7 +64,7 @@ def stop(procs) -> None:
 
 def run_together(manager: KVCacheManager, seeds: List[int]) -> List[Dict[str, Any]]:
     """Run one collector per seed, step by step together; return their results, by index."""
-    procs, barrier, results = start_collectors(manager, seeds)
+    procs, barrier, results, _ = start_collectors(manager, seeds)
     try:
         for _ in range(STEPS + 1):  # the start, then each step
             barrier.wait(300)
@@ -78,12 +79,13 @@ def run_with_a_killed_collector(manager: KVCacheManager, seeds: List[int], victi
                                 stall_at: int) -> List[Dict[str, Any]]:
     """As :func:`run_together`, but collector ``victim`` stalls at ``stall_at`` holding its
     entries and is SIGKILLed there; the others finish without waiting for each other."""
-    procs, barrier, results = start_collectors(manager, seeds, victim, stall_at)
+    procs, barrier, results, flushed = start_collectors(manager, seeds, victim, stall_at)
     try:
         for _ in range(stall_at + 2):  # the start and steps 0 .. stall_at
             barrier.wait(300)
         stalled = results.get(timeout=300)
         assert stalled == {"index": victim, "stalled": procs[victim].pid}
+        assert flushed.wait(60)  # its message is out and the queue's lock free: kill it now
         os.kill(procs[victim].pid, signal.SIGKILL)
         procs[victim].join(30)
         barrier.abort()
