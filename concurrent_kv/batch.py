@@ -19,7 +19,7 @@ import torch
 
 from .entry import EntrySpec
 from .errors import ClosedError, ConfigError, EntryMismatchError, InvalidEntryError, InvalidKeyError
-from .keys import check_key
+from .keys import KEY_MAX, check_key
 
 if TYPE_CHECKING:
     from .pool import KVCachePool
@@ -35,7 +35,10 @@ def check_keys(cache_keys: Any) -> List[int]:
     :class:`InvalidKeyError` before anything is looked up or stored."""
     if not isinstance(cache_keys, (list, tuple)):
         raise InvalidKeyError(f"a batch of cache keys must be a list or tuple, got {type(cache_keys).__name__}")
-    return [check_key(k) for k in cache_keys]
+    for k in cache_keys:  # the hot path: plain ints in range, taken as they are
+        if type(k) is not int or not 0 <= k <= KEY_MAX:
+            return [check_key(k) for k in cache_keys]
+    return list(cache_keys)
 
 
 def check_sizes(sizes: Any, count: int, width: int, top: int) -> List[Tuple[int, ...]]:
@@ -45,6 +48,9 @@ def check_sizes(sizes: Any, count: int, width: int, top: int) -> List[Tuple[int,
         raise EntryMismatchError(f"sizes must be a list of {count} token counts, got {sizes!r:.80}")
     out = []
     for s in sizes:
+        if type(s) is int and 0 <= s <= top:  # the common case, checked first: this runs per batch
+            out.append((s,) * width)
+            continue
         row = (s,) * width if _is_int(s) else tuple(s) if isinstance(s, (list, tuple)) else ()
         if len(row) != width or not all(_is_int(x) and 0 <= x <= top for x in row):
             raise EntryMismatchError(f"an entry's size must be an int or {width} ints in [0, {top}], got {s!r:.80}")
@@ -108,17 +114,13 @@ class PinnedBatch:
     ``(2 * layers, n, heads, max_tokens, head_dim)`` itself: read it, never write it.
     """
 
-    __slots__ = ("keys", "slots", "_pool", "_storage", "_released")
+    __slots__ = ("keys", "slots", "hits", "_pool", "_storage", "_released")
 
-    def __init__(self, pool: "KVCachePool", keys: List[int], slots: List[int],
+    def __init__(self, pool: "KVCachePool", keys: List[int], slots: List[int], hits: int,
                  storage: Optional["SlotStorage"]) -> None:
-        self.keys, self.slots = keys, slots
+        self.keys, self.slots, self.hits = keys, slots, hits
         self._pool, self._storage = pool, storage
-        self._released = not any(s >= 0 for s in slots)
-
-    @property
-    def hits(self) -> int:
-        return sum(1 for s in self.slots if s >= 0)
+        self._released = not hits
 
     def _slot(self, i: int) -> int:
         slot = self.slots[i]
@@ -128,15 +130,21 @@ class PinnedBatch:
             raise ClosedError("this batch's pins were released: its slots may hold other entries now")
         return slot
 
-    def view(self, i: int) -> torch.Tensor:
-        """Position ``i``'s slot tensor (zero-copy; valid until release)."""
+    def view(self, i: int, tokens: Optional[int] = None) -> torch.Tensor:
+        """Position ``i``'s slot tensor, or its first ``tokens`` tokens (zero-copy; valid until
+        release)."""
         assert self._storage is not None
-        return self._storage.slot(self._slot(i))
+        return self._storage.slot(self._slot(i), tokens)
 
     def sizes(self, i: int) -> Tuple[int, ...]:
         """Position ``i``'s token counts (K0, V0, K1, V1, ...)."""
         assert self._storage is not None
         return self._storage.sizes(self._slot(i))
+
+    def size(self, i: int) -> int:
+        """Position ``i``'s first token count (layer 0's K: LightZero's ``KeysValues.size``)."""
+        assert self._storage is not None
+        return self._storage.size(self._slot(i))
 
     def entry(self, i: int) -> Any:
         """Position ``i`` as a zero-copy :class:`~concurrent_kv.entry.KeysValues` (read only)."""
@@ -170,15 +178,20 @@ class WriteBatch:
     stored and the reserved slots are free again.
     """
 
-    __slots__ = ("keys", "slots", "_pool", "_storage", "_sizes", "_priority", "_holder", "_last", "_writes", "_open")
+    __slots__ = ("keys", "slots", "refused", "_pool", "_storage", "_sizes", "_priority", "_holder", "_last",
+                 "_writes", "_open")
 
     def __init__(self, pool: "KVCachePool", keys: List[int], slots: List[int], sizes: List[Tuple[int, ...]],
-                 priority: float, holder: Optional[int], storage: Optional["SlotStorage"]) -> None:
+                 priority: float, holder: Optional[int], storage: Optional["SlotStorage"], distinct: bool) -> None:
         self.keys, self.slots = keys, slots
         self._pool, self._storage, self._sizes = pool, storage, sizes
         self._priority, self._holder = priority, holder
-        last = {k: i for i, k in enumerate(keys)}
-        self._last = [i for i, k in enumerate(keys) if last[k] == i and slots[i] >= 0]
+        self.refused = slots.count(-1)
+        if distinct and not self.refused:  # every key once, all reserved: the common case
+            self._last = list(range(len(keys)))
+        else:
+            last = {k: i for i, k in enumerate(keys)}
+            self._last = [i for i, k in enumerate(keys) if last[k] == i and slots[i] >= 0]
         self._writes = set(self._last)
         self._open = True
 
@@ -186,22 +199,19 @@ class WriteBatch:
     def pool(self) -> "KVCachePool":
         return self._pool
 
-    @property
-    def refused(self) -> int:
-        return sum(1 for s in self.slots if s < 0)
-
     def positions(self) -> List[int]:
         """The positions to write, in order: one per stored key (its last position)."""
         return list(self._last)
 
-    def view(self, i: int) -> Optional[torch.Tensor]:
-        """Position ``i``'s reserved slot tensor to write, or None (refused, or a duplicate)."""
+    def view(self, i: int, tokens: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Position ``i``'s reserved slot tensor to write (or its first ``tokens`` tokens), or
+        None (refused, or a duplicate)."""
         if not self._open:
             raise ClosedError("this batch was committed or aborted")
         if i not in self._writes:
             return None
         assert self._storage is not None
-        return self._storage.slot(self.slots[i])
+        return self._storage.slot(self.slots[i], tokens)
 
     def parts(self, i: int) -> List[torch.Tensor]:
         """Position ``i``'s slot as its K0, V0, K1, ... tensors (views made once per slot)."""

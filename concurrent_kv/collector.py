@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
-from .batch import PinnedBatch, SizesLike, WriteBatch
+from .batch import PinnedBatch, SizesLike, WriteBatch, check_keys
 from .checks import positive_int
 from .entry import EntrySpec
 from .errors import ClosedError, ConfigError, EnvIdError, PoolExhaustedError
@@ -141,14 +141,26 @@ class CollectorCaches:
         pool = self._init_pool(env_id)
         return self._count_foreign(pool, pool.lookup_many([cache_key]))
 
+    def pin_roots(self, cache_keys: Sequence[int]) -> List[PinnedBatch]:
+        """Pin the root entry of ``cache_keys[i]`` in env ``i``'s root pool, for every ``i``
+        (UniZero's first lookup of each env of a batch): one one-key batch per env."""
+        keys = check_keys(cache_keys)
+        self._check_open()
+        if len(keys) > self.env_num:
+            raise EnvIdError(f"{len(keys)} keys for a collector of {self.env_num} envs")
+        return [self._count_foreign(pool, pool.lookup_many([key])) for pool, key in zip(self.init_pools, keys)]
+
     def pin_recur_many(self, cache_keys: Sequence[int]) -> PinnedBatch:
         """Pin the recur entries of ``cache_keys``, whoever stored them, under one lock."""
         self._check_open()
         return self._count_foreign(self.recur_pool, self.recur_pool.lookup_many(cache_keys))
 
     def _count_foreign(self, pool: KVCachePool, batch: PinnedBatch) -> PinnedBatch:
-        stored = self._stored[pool.name]
-        self.foreign_hits += sum(1 for k, s in zip(batch.keys, batch.slots) if s >= 0 and k not in stored)
+        if batch.hits:
+            stored = self._stored[pool.name]
+            for key, slot in zip(batch.keys, batch.slots):
+                if slot >= 0 and key not in stored:
+                    self.foreign_hits += 1
         return batch
 
     def write_init(self, env_id: int, cache_key: int, size: SizesLike,
@@ -167,14 +179,17 @@ class CollectorCaches:
     def _reserve(self, pool: KVCachePool, keys: Sequence[int], sizes: Sequence[SizesLike],
                  entry_spec: Optional[EntrySpec], hold: bool) -> WriteBatch:
         holder = self._holder[pool.name] if hold else None
-        batch = pool.write_many(list(keys), list(sizes), holder=holder, partial=True, entry_spec=entry_spec)
+        batch = pool.write_many(keys, sizes, holder=holder, partial=True, entry_spec=entry_spec)
         self.rejected += batch.refused
         return batch
 
     def commit(self, batch: WriteBatch) -> List[int]:
         """Publish a batch from :meth:`write_init` or :meth:`write_recur_many`; its slots."""
         slots = batch.commit()
-        self._stored[batch.pool.name].update(k for k, s in zip(batch.keys, slots) if s >= 0)
+        stored = self._stored[batch.pool.name]
+        for key, slot in zip(batch.keys, slots):
+            if slot >= 0:
+                stored.add(key)
         return slots
 
     # -- clears release this collector's holds only ------------------------------------------------

@@ -55,6 +55,13 @@ StrategyLike = Union[EvictionStrategy, str, Type[EvictionPolicy]]
 MAX_SLOTS = 1 << 22
 
 
+def _none_in(keys: List[int], index: Any) -> bool:
+    for key in keys:
+        if key in index:
+            return False
+    return True
+
+
 def _check_capacity(capacity: int, what: str) -> int:
     if capacity > MAX_SLOTS:
         raise ConfigError(f"{what} gives {capacity:,} slots; a pool holds at most {MAX_SLOTS:,}")
@@ -428,13 +435,16 @@ class KVCachePool:
         return self._pin_many(keys)
 
     def _pin_many(self, keys: List[int]) -> PinnedBatch:
-        if self._capacity is None:
+        index = self._index
+        # An in-process index is a dict: a lock-free look is atomic under the GIL, so a batch
+        # that misses entirely (UniZero probes each env's root pool for every search node)
+        # needs no lock round trip. A shared index is read under the lock only.
+        if self._capacity is None or (not self._shared and _none_in(keys, index)):
             with self._meta_lock:
                 self._counters[MISSES] += self._stats_on * len(keys)
-            return PinnedBatch(self, keys, [-1] * len(keys), None)
+            return PinnedBatch(self, keys, [-1] * len(keys), 0, None)
         held = self._acquire(self._read_exclusive)
         try:
-            index = self._index
             slots = [-1 if s is None else s for s in map(index.get, keys)]
             with self._meta_lock:
                 pins, hits = self._own_pins, 0
@@ -446,7 +456,7 @@ class KVCachePool:
                             self._policy.touch(slot)
                 self._counters[HITS] += self._stats_on * hits
                 self._counters[MISSES] += self._stats_on * (len(keys) - hits)
-            return PinnedBatch(self, keys, slots, self._storage)
+            return PinnedBatch(self, keys, slots, hits, self._storage)
         finally:
             held.release()
 
@@ -503,31 +513,38 @@ class KVCachePool:
         spec = self._spec if self._spec is not None else entry_spec
         if spec is None:
             raise EntryMismatchError(f"pool {self.name!r} has no slots yet: pass entry_spec= (or set one entry)")
-        if entry_spec is not None and entry_spec != spec:
+        if entry_spec is not None and entry_spec is not spec and entry_spec != spec:
             raise EntryMismatchError(f"entry_spec {entry_spec} differs from the pool's slots {spec}")
         rows = check_sizes(sizes, len(keys), 2 * spec.num_layers, spec.max_tokens)
-        slots = self._reserve_many(keys, spec, partial)
+        distinct = len(set(keys)) == len(keys)
+        slots = self._reserve_many(keys, distinct, spec, partial)
         assert self._storage is not None
-        return WriteBatch(self, keys, slots, rows, prio, holder, self._storage)
+        return WriteBatch(self, keys, slots, rows, prio, holder, self._storage, distinct)
 
-    def _reserve_many(self, keys: List[int], spec: EntrySpec, partial: bool) -> List[int]:
+    def _reserve_many(self, keys: List[int], distinct: bool, spec: EntrySpec, partial: bool) -> List[int]:
         """Reserve one slot per distinct key (split writes: WRITING and pinned); the slot of each
         position, -1 where refused. Waits, bounded by the lock timeout, for other writers' slots."""
-        last = {k: i for i, k in enumerate(keys)}
-        order = sorted(last, key=last.__getitem__)  # each key once, in the order of its last position
-        deadline = time.monotonic() + self._timeout
+        if distinct:
+            order = keys
+        else:  # each key once, in the order of its last position
+            last = {k: i for i, k in enumerate(keys)}
+            order = sorted(last, key=last.__getitem__)
+        deadline = 0.0
         while True:
             held = self._acquire(True)
             try:
                 self._check_not_closed("write_many")
                 if self._spec is None:
                     self._allocate_storage(spec)
-                got = self._reserve_locked(len(order), partial, time.monotonic() < deadline)
+                got = self._reserve_locked(len(order), partial, not deadline or time.monotonic() < deadline)
             finally:
                 held.release()
             if got is not None:
+                if order is keys and len(got) == len(keys):
+                    return got
                 where = dict(zip(order, got))
                 return [where.get(k, -1) for k in keys]
+            deadline = deadline or time.monotonic() + self._timeout
             time.sleep(0.0001)
 
     def _reserve_locked(self, count: int, partial: bool, may_wait: bool) -> Optional[List[int]]:
@@ -539,12 +556,7 @@ class KVCachePool:
                 if may_wait and slots.any_writing():
                     return None
                 raise PoolExhaustedError(f"{self.name}: cannot free {count} slots; the others are pinned or held")
-            got: List[int] = []
-            try:
-                while len(got) < count:
-                    got.append(slots.reserve())
-            except PoolExhaustedError:
-                pass  # partial: the rest are refused
+            got = slots.reserve_many(count)  # fewer only if partial: the rest are refused
             if got:
                 self._inflight += 1
             return got
@@ -566,13 +578,11 @@ class KVCachePool:
             with table.changing, self._meta_lock:
                 self._inflight -= 1
                 publish = keys is not None and not self._closed
-                for i, slot in enumerate(slots):
-                    table.unreserve(slot)
-                    if keys is not None and publish:
-                        table.publish(keys[i], slot, prio)
-                        if holder is not None:
-                            table.hold(slot, holder)
-                    else:
+                if keys is not None and publish:
+                    table.publish_many(keys, slots, prio, holder)
+                else:
+                    for slot in slots:
+                        table.unreserve(slot)
                         table.give_back(slot)
             return publish
         finally:
@@ -863,7 +873,7 @@ class KVCachePool:
     def _check_holder(self, holder: Any) -> None:
         holds = getattr(getattr(self, "_state", None), "holds", None)
         if isinstance(holder, bool) or not isinstance(holder, int) or holds is None \
-                or not 0 <= holder < len(holds.rows) or holds.pid[holder] != os.getpid():
+                or not 0 <= holder < len(holds.rows) or holds.pid[holder] != self._pid:
             raise HolderError(f"pool {self.name!r}: {holder!r} is not a holder this process added (add_holder)")
 
     def recover(self) -> List[int]:

@@ -148,6 +148,35 @@ class SlotTable:
         self.state.slot_state[slot] = WRITING
         return slot
 
+    def reserve_many(self, count: int) -> List[int]:
+        """Up to ``count`` slots reserved as :meth:`reserve` does, fewer when the rest cannot be
+        freed (pinned or held). One call per batch: the loop is the hot path of batched stores."""
+        st = self.state
+        free, own, states = st.free, st.pins.own, st.slot_state
+        got: List[int] = []
+        try:
+            for _ in range(count):
+                slot = free.pop() if free and not st.shared else self.take()  # take: sweeps, reaps
+                own[slot] += 1
+                states[slot] = WRITING
+                got.append(slot)
+        except PoolExhaustedError:
+            pass
+        return got
+
+    def publish_many(self, keys: List[int], slots: List[int], priority: float, holder: Optional[int]) -> None:
+        """End split writes: each slot of :meth:`reserve_many` published as its key's entry (as
+        :meth:`unreserve` then :meth:`publish`), held by ``holder`` when given."""
+        own = self.state.pins.own
+        holds = self.state.holds
+        row = None if holder is None else holds.row(holder)
+        for key, slot in zip(keys, slots):
+            own[slot] -= 1
+            self.publish(key, slot, priority)
+            if row is not None and not row[slot]:
+                row[slot] = 1
+                holds.count[slot] += 1
+
     def unreserve(self, slot: int) -> None:
         """The split write of ``slot`` is over: drop its pin (then :meth:`publish` or :meth:`give_back`)."""
         self.state.pins.own[slot] -= 1

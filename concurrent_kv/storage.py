@@ -8,7 +8,7 @@ sit beside it. Storage knows nothing of keys, policies or locks: the pool decide
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -16,6 +16,9 @@ from .entry import EntrySpec, KeysValues, entry_tensors
 from .cells import Cells
 
 __all__ = ["SlotStorage"]
+
+#: Token-prefix views kept per slot on average (UniZero reads and writes a handful of lengths).
+_HEADS_KEPT = 8
 
 
 class SlotStorage:
@@ -38,6 +41,7 @@ class SlotStorage:
         self._slots: List[torch.Tensor] = list(block.unbind(0))  # one view per slot, made once
         self._parts: List[Optional[List[torch.Tensor]]] = [None] * capacity  # per-tensor views, made on demand
         self._views: List[Optional[KeysValues]] = [None] * capacity  # lease views, made on demand
+        self._heads: Dict[Tuple[int, int], torch.Tensor] = {}  # (slot, tokens) -> view, made on demand
         self._width = 2 * spec.num_layers
         self._sizes: Cells = [0] * (capacity * self._width) if sizes is None else sizes
 
@@ -49,9 +53,21 @@ class SlotStorage:
         base = slot * self._width
         return tuple(self._sizes[base : base + self._width])
 
-    def slot(self, slot: int) -> torch.Tensor:
-        """``slot``'s tensor ``(2 * layers, n, heads, max_tokens, head_dim)`` (a view made once)."""
-        return self._slots[slot]
+    def size(self, slot: int) -> int:
+        """``slot``'s first token count (layer 0's K)."""
+        return self._sizes[slot * self._width]
+
+    def slot(self, slot: int, tokens: Optional[int] = None) -> torch.Tensor:
+        """``slot``'s tensor ``(2 * layers, n, heads, max_tokens, head_dim)``, or its first
+        ``tokens`` tokens of every cache (views made once; batched copies move only valid tokens)."""
+        if tokens is None or tokens == self.spec.max_tokens:
+            return self._slots[slot]
+        view = self._heads.get((slot, tokens))
+        if view is None:
+            if len(self._heads) >= _HEADS_KEPT * self.capacity:  # long contexts: bounded, not every length
+                self._heads.clear()
+            view = self._heads[(slot, tokens)] = self._slots[slot][..., :tokens, :]
+        return view
 
     def record_sizes(self, slot: int, sizes: Tuple[int, ...]) -> None:
         cells, i = self._sizes, slot * self._width
