@@ -330,6 +330,8 @@ class LightZeroCacheAdapter:
         self.mode = "original"
         self._original = {name: world_model.__dict__[name] for name in _REPLACED if name in world_model.__dict__}
         self._staging = _Staging(manager.wm_pool.capacity or manager.env_num)
+        #: The batched seam in modes "new" and "switch_over" on a LightZero 0.2.0 world model.
+        self.seam: Optional[Any] = None
 
     # -- modes ---------------------------------------------------------------------------
 
@@ -345,6 +347,7 @@ class LightZeroCacheAdapter:
             raise IntegrationError("after switch_over the original caches are released; re-create the world model")
         wm = self.world_model
         self._restore()
+        self.seam = None
         wm.clear_caches() if hasattr(wm, "clear_caches") else None
         self.collector.clear_all()  # this world model's entries only: other collectors keep theirs
         if mode in ("new", "switch_over"):
@@ -378,7 +381,8 @@ class LightZeroCacheAdapter:
         from . import lightzero_seam  # it builds on this module's maps
 
         if lightzero_seam.supports(wm):  # LightZero 0.2.0's WorldModel: the whole batch at once
-            lightzero_seam.BatchedSeam(wm, c).install(staging)
+            self.seam = lightzero_seam.BatchedSeam(wm, c)
+            self.seam.install(staging)
             return
         wm.past_kv_cache_init_infer_envs = [_PoolMap(_Route(c, e), staging) for e in range(c.env_num)]
         wm.past_kv_cache_recurrent_infer = _PoolMap(_Route(c, None), staging)
