@@ -353,8 +353,7 @@ class KVCachePool:
         """
         key = check_key(cache_key)
         self._start_call()
-        if out is not None:
-            self._check_out(out)
+        tensors = None if out is None else self._check_out(out)
         if self._capacity is None:
             self._miss_while_unsized()
             return None
@@ -372,7 +371,7 @@ class KVCachePool:
             elif slot is None:
                 return None
             assert self._storage is not None
-            return self._storage.read(slot, out)
+            return self._storage.read(slot, out, tensors)
         finally:
             held.release()
 
@@ -639,12 +638,15 @@ class KVCachePool:
 
     # -- writes --------------------------------------------------------------------------
 
-    def _check_out(self, out: Any) -> None:
-        """Validate a read buffer. Its token counts are about to be overwritten, so one of our
-        intact entries only needs its block's shape, dtype and device checked (the hot path)."""
+    def _check_out(self, out: Any) -> Optional[List[torch.Tensor]]:
+        """Validate a read buffer; return its tensors (one per cache, detached) unless it is one
+        of our intact entries. Its token counts are about to be overwritten, so one of ours only
+        needs its block's shape, dtype and device checked (the hot path)."""
         spec = self._spec
-        if spec is None or spec.own_block(out) is None:
-            self._check_entry(out)
+        if spec is not None and spec.own_block(out) is not None:
+            return None
+        _, data, _ = self._check_entry(out)
+        return None if isinstance(data, torch.Tensor) else data
 
     def _check_entry(self, kv: Any) -> Tuple[EntrySpec, Any, Tuple[int, ...]]:
         spec = self._spec if self._spec is not None else EntrySpec.of(kv)

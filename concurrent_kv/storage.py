@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .entry import EntrySpec, KeysValues, entry_tensors
+from .entry import EntrySpec, KeysValues
 from .cells import Cells
 
 __all__ = ["SlotStorage"]
@@ -87,8 +87,8 @@ class SlotStorage:
         """Deep-copy validated entry data (see ``EntrySpec.check``) into ``slot``."""
         if isinstance(data, torch.Tensor):
             self._slots[slot].copy_(data.detach() if data.requires_grad else data)
-        else:
-            torch._foreach_copy_(self.parts(slot), [t.detach() for t in data])
+        else:  # checked tensors: detached where they needed it
+            torch._foreach_copy_(self.parts(slot), data)
         self.record_sizes(slot, sizes)
 
     def parts(self, slot: int) -> List[torch.Tensor]:
@@ -98,17 +98,17 @@ class SlotStorage:
             parts = self._parts[slot] = list(self._slots[slot].unbind(0))
         return parts
 
-    def read(self, slot: int, out: Optional[Any] = None) -> Any:
+    def read(self, slot: int, out: Optional[Any] = None, tensors: Optional[List[torch.Tensor]] = None) -> Any:
         """A private deep copy of ``slot``: a new :class:`KeysValues`, or copied into ``out``
-        (already validated against the spec)."""
+        (already validated against the spec; ``tensors`` are its checked tensors, one per cache,
+        when it is not one of our intact entries)."""
         if out is None:
             return KeysValues.from_block(self._slots[slot].clone(), self.sizes(slot))
-        target = out.block_if_intact() if type(out) is KeysValues else None
-        if target is not None:
+        if tensors is None:
+            target = out.block_if_intact()
             (target.detach() if target.requires_grad else target).copy_(self._slots[slot])
         else:
-            tensors, _ = entry_tensors(out)
-            torch._foreach_copy_([t.detach() for t in tensors], self.parts(slot))
+            torch._foreach_copy_(tensors, self.parts(slot))
         self._give_sizes(slot, out)
         return out
 

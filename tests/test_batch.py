@@ -22,7 +22,7 @@ from concurrent_kv import (
     KVCachePool,
     PoolExhaustedError,
 )
-from concurrent_kv.errors import ConfigError
+from concurrent_kv.errors import ConfigError, EnvIdError
 
 from .helpers import SMALL, LZKeysValues, is_entry_of, keyed_entry
 from .validation_helpers import assert_entry, assert_rejected, entry, populated_pool
@@ -341,6 +341,20 @@ def test_a_worker_process_writes_batches_the_parent_reads() -> None:
         pool.check()
 
 
+def test_token_prefix_views_are_made_once_and_move_only_those_tokens(small_pool: KVCachePool) -> None:
+    small_pool.set(1, keyed_entry(1))
+    with small_pool.lookup_many([1]) as batch:
+        head = batch.view(0, 2)
+        assert head.shape[-2] == 2 and head is batch.view(0, 2)  # kept, not rebuilt
+        assert torch.equal(head, batch.view(0)[..., :2, :])
+        assert batch.view(0, SMALL.max_tokens) is batch.view(0)
+    with small_pool.write_many([2], [2]) as write:
+        write.view(0).fill_(-1.0)
+        write.view(0, 2).fill_(5.0)
+    got = small_pool.get(2)._block
+    assert torch.all(got[..., :2, :] == 5.0) and torch.all(got[..., 2:, :] == -1.0)
+
+
 # -- the collector's batched calls ---------------------------------------------------------------
 
 
@@ -362,6 +376,14 @@ def test_collector_batches_hold_count_foreign_hits_and_refusals() -> None:
     a.commit(root)
     with a.pin_init(0, 42) as pinned:
         assert is_entry_of(pinned.entry(0), 42)
+    roots = a.pin_roots([42])
+    assert [r.hits for r in roots] == [1] and is_entry_of(roots[0].entry(0), 42)
+    roots[0].release()
+    assert [r.hits for r in b.pin_roots([42])] == [0]  # b's env 0 is the manager's env 1
+    with pytest.raises(EnvIdError):
+        a.pin_roots([1, 2])
+    with pytest.raises(InvalidKeyError):
+        a.pin_roots(["42"])
     b.clear_recur_cache()
     assert 1 in m.recur_pool and 2 in m.recur_pool  # a's holds survive b's clear
     a.close()
