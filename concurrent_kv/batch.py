@@ -77,8 +77,10 @@ def entries_data(spec: Optional[EntrySpec], entries: Any, sizes: Any,
         return _tensor_batch(spec, entries, sizes, count)
     if not isinstance(entries, (list, tuple)) or len(entries) != count:
         raise InvalidEntryError(f"entries must be a list of {count} entries or one tensor, got {type(entries).__name__}")
+    if count and isinstance(entries[0], torch.Tensor):
+        return _block_list(spec, entries, sizes, count)
     if sizes is not None:
-        raise ConfigError("sizes= goes with a tensor batch; entries carry their own token counts")
+        raise ConfigError("sizes= goes with tensors; entries carry their own token counts")
     if spec is None and count:
         spec = EntrySpec.of(entries[0])
     data: List[EntryData] = []
@@ -93,18 +95,47 @@ def entries_data(spec: Optional[EntrySpec], entries: Any, sizes: Any,
 
 def _tensor_batch(spec: Optional[EntrySpec], block: torch.Tensor, sizes: Any,
                   count: int) -> Tuple[EntrySpec, List[EntryData], List[Tuple[int, ...]]]:
+    """A batch as one tensor ``(count, 2 * layers, n, heads, tokens, head_dim)``: whole entries,
+    or (with the pool's spec known) their first ``tokens`` tokens, at least the valid ones."""
     if spec is None:
         if block.dim() != 6 or block.shape[1] % 2:
             raise EntryMismatchError(f"a tensor batch is (count, 2 * layers, n, heads, tokens, head_dim), got {tuple(block.shape)}")
         _, width, n, heads, tokens, head_dim = block.shape
         spec = EntrySpec(width // 2, n, heads, tokens, head_dim, block.dtype, block.device)
-    if block.shape != (count, *spec.block_shape) or block.dtype != spec.dtype or block.device != spec.device:
-        raise EntryMismatchError(f"the batch is {tuple(block.shape)} {block.dtype} on {block.device}; the pool "
-                                 f"needs {(count, *spec.block_shape)} {spec.dtype} on {spec.device}")
     if sizes is None:
         raise EntryMismatchError("a tensor batch needs sizes= (each entry's token count)")
     rows = check_sizes(sizes, count, 2 * spec.num_layers, spec.max_tokens)
+    full = (count, *spec.block_shape)
+    shape = block.shape
+    if len(shape) != 6 or shape[:4] != full[:4] or shape[5] != full[5] or not shape[4] <= spec.max_tokens \
+            or any(max(row) > shape[4] for row in rows) or block.dtype is not spec.dtype \
+            or not spec.holds_device(block):
+        raise EntryMismatchError(f"the batch is {tuple(shape)} {block.dtype} on {block.device}; the pool needs "
+                                 f"{full} {spec.dtype} on {spec.device} (or its first tokens, at least the valid ones)")
     return spec, list(_detached(block).unbind(0)), rows
+
+
+def _block_list(spec: Optional[EntrySpec], blocks: Sequence[Any], sizes: Any,
+                count: int) -> Tuple[EntrySpec, List[EntryData], List[Tuple[int, ...]]]:
+    """Entries given as tensors ``(2 * layers, n, heads, tokens, head_dim)``, each holding the
+    first ``tokens`` tokens of every cache (at least the entry's token counts): the slot's
+    prefix is written, the rest of it is left as it was."""
+    if spec is None:  # a prefix does not say how many tokens a slot holds
+        raise EntryMismatchError("the pool has no slots yet: pass entry_spec= with entries given as tensors")
+    if sizes is None:
+        raise EntryMismatchError("entries given as tensors need sizes= (each entry's token count)")
+    rows = check_sizes(sizes, count, 2 * spec.num_layers, spec.max_tokens)
+    width, n, heads, top, head_dim = spec.block_shape
+    dtype = spec.dtype
+    for block, row in zip(blocks, rows):
+        shape = block.shape if type(block) is torch.Tensor else ()
+        if len(shape) != 5 or shape[0] != width or shape[1] != n or shape[2] != heads or shape[4] != head_dim \
+                or not max(row) <= shape[3] <= top or block.dtype is not dtype or not spec.holds_device(block):
+            raise EntryMismatchError(
+                f"an entry tensor is {tuple(getattr(block, 'shape', ()))} {getattr(block, 'dtype', type(block))}; "
+                f"the slots hold {spec.block_shape} {spec.dtype} on {spec.device}, and an entry's tensor must hold "
+                f"its {max(row)} valid tokens")
+    return spec, [_detached(b) for b in blocks], rows
 
 
 class PinnedBatch:

@@ -183,6 +183,23 @@ class CollectorCaches:
         self.rejected += batch.refused
         return batch
 
+    def set_recur_many(self, cache_keys: Sequence[int], entries: Any, sizes: Optional[Sequence[SizesLike]] = None,
+                       entry_spec: Optional[EntrySpec] = None) -> List[int]:
+        """Store and hold a batch of recur entries with one copy (see
+        :meth:`KVCachePool.set_many`); each key's slot, -1 where refused (counted in ``rejected``:
+        every slot was leased or held; the key will miss and the caller recomputes it)."""
+        self._check_open()
+        pool = self.recur_pool
+        slots = pool.set_many(cache_keys, entries, sizes, holder=self._holder[pool.name], partial=True,
+                              entry_spec=entry_spec)
+        stored = self._stored[pool.name]
+        for key, slot in zip(cache_keys, slots):
+            if slot >= 0:
+                stored.add(key)
+            else:
+                self.rejected += 1
+        return slots
+
     def commit(self, batch: WriteBatch) -> List[int]:
         """Publish a batch from :meth:`write_init` or :meth:`write_recur_many`; its slots."""
         slots = batch.commit()

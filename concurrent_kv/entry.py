@@ -437,7 +437,7 @@ class EntrySpec:
                 if type(kt) is not torch.Tensor or type(vt) is not torch.Tensor or type(ks) is not int \
                         or type(vs) is not int or not (0 <= ks <= top and 0 <= vs <= top) \
                         or kt.shape != shape or vt.shape != shape or kt.dtype is not dtype or vt.dtype is not dtype \
-                        or not self._here(kt) or not self._here(vt) or kt.requires_grad or vt.requires_grad:
+                        or not self.holds_device(kt) or not self.holds_device(vt) or kt.requires_grad or vt.requires_grad:
                     return None
                 tensors += (kt, vt)
                 sizes += (ks, vs)
@@ -445,7 +445,7 @@ class EntrySpec:
             return None
         return (tensors, tuple(sizes)) if len(tensors) == 2 * self.num_layers else None
 
-    def _here(self, t: torch.Tensor) -> bool:
+    def holds_device(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is on this spec's device (is_cpu is a flag; building t.device costs more
         than every other check of a tensor together)."""
         return t.is_cpu if self._on_cpu else t.device == self.device

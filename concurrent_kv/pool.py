@@ -55,6 +55,23 @@ StrategyLike = Union[EvictionStrategy, str, Type[EvictionPolicy]]
 MAX_SLOTS = 1 << 22
 
 
+def _copy_pairs(batch: WriteBatch, positions: List[int], data: List[Any]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """(slot, source) tensors that copy each position's entry data into its reserved slot."""
+    dst: List[torch.Tensor] = []
+    src: List[torch.Tensor] = []
+    for i in positions:
+        block = data[i]
+        if isinstance(block, torch.Tensor):  # a block, a row of a tensor batch, or a block's token prefix
+            target = batch.view(i, block.shape[3])
+            assert target is not None
+            dst.append(target)
+            src.append(block)
+        else:  # LightZero's layout: one tensor per cache
+            dst += batch.parts(i)
+            src += block
+    return dst, src
+
+
 def _none_in(keys: List[int], index: Any) -> bool:
     for key in keys:
         if key in index:
@@ -588,34 +605,70 @@ class KVCachePool:
             held.release()
 
     def set_many(self, cache_keys: Sequence[int], entries: Any, sizes: Optional[Sequence[SizesLike]] = None,
-                 priority: Optional[float] = None, *, holder: Optional[int] = None, partial: bool = False) -> List[int]:
+                 priority: Optional[float] = None, *, holder: Optional[int] = None, partial: bool = False,
+                 entry_spec: Optional[EntrySpec] = None) -> List[int]:
         """Deep-copy a batch of entries into the pool with one tensor operation; return each
         key's slot (-1 where refused, with ``partial=True``).
 
-        ``entries`` is a sequence of entries (``KeysValues``, ours or LightZero's) or one tensor
-        ``(len(keys), 2 * layers, n, heads, max_tokens, head_dim)`` with ``sizes``. Everything is
-        validated before anything changes; semantics as :meth:`write_many` (a key given twice is
-        stored once, from its last position).
+        ``entries`` is a sequence of entries (``KeysValues``, ours or LightZero's), one tensor
+        ``(len(keys), 2 * layers, n, heads, max_tokens, head_dim)`` with ``sizes``, or a sequence of
+        tensors ``(2 * layers, n, heads, tokens, head_dim)`` with ``sizes``, each the first ``tokens``
+        tokens of its entry (at least its valid ones: the rest of the slot is left as it was).
+        Everything is validated before anything changes; semantics as :meth:`write_many` (a key
+        given twice is stored once, from its last position); ``entry_spec`` shapes a pool that
+        has no slots yet. In process, the batch is reserved, copied and published under one
+        hold of the lock.
         """
         keys = check_keys(cache_keys)
+        if entry_spec is not None:
+            instance_of("entry_spec", entry_spec, EntrySpec)
         self._start_call()
-        spec, data, rows = entries_data(self._spec, entries, sizes, len(keys))
+        spec, data, rows = entries_data(self._spec or entry_spec, entries, sizes, len(keys))
+        if not self._split_writes and self._spec is not None and spec == self._spec and len(set(keys)) == len(keys):
+            # In process: reserve, copy and publish under one hold of the lock, as set does.
+            prio = 0.0 if priority is None else check_priority(priority)
+            boolean("partial", partial)
+            if holder is not None:
+                self._check_holder(holder)
+            return self._set_many_locked(keys, data, rows, prio, holder, partial)
         batch = self.write_many(keys, rows, priority, holder=holder, partial=partial, entry_spec=spec)
         with batch:
-            dst: List[torch.Tensor] = []
-            src: List[torch.Tensor] = []
-            for i in batch.positions():
-                block = data[i]
-                if isinstance(block, torch.Tensor):  # one of our entries, or a row of a tensor batch
-                    target = batch.view(i)
-                    assert target is not None
-                    dst.append(target)
-                    src.append(block)
-                else:  # LightZero's layout: one tensor per cache
-                    dst += batch.parts(i)
-                    src += block
-            torch._foreach_copy_(dst, src)
+            dst, src = _copy_pairs(batch, batch.positions(), data)
+            if dst:
+                torch._foreach_copy_(dst, src)
         return batch.slots
+
+    def _set_many_locked(self, keys: List[int], data: List[Any], rows: List[Tuple[int, ...]], prio: float,
+                         holder: Optional[int], partial: bool) -> List[int]:
+        """set_many of distinct keys under the exclusive lock: one acquisition for the batch."""
+        held = self._acquire(True)
+        try:
+            self._check_not_closed("set_many")
+            table, storage = self._slots, self._storage
+            assert storage is not None
+            with table.changing:
+                with self._meta_lock:
+                    if not partial and not table.can_take(len(keys)):
+                        raise PoolExhaustedError(f"{self.name}: cannot free {len(keys)} slots; the others are pinned or held")
+                    got = table.reserve_many(len(keys))
+                batch = WriteBatch(self, keys, got + [-1] * (len(keys) - len(got)), rows, prio, holder, storage, True)
+                try:
+                    dst, src = _copy_pairs(batch, batch.positions(), data)
+                    if dst:
+                        torch._foreach_copy_(dst, src)
+                except BaseException:
+                    with self._meta_lock:
+                        for slot in got:
+                            table.unreserve(slot)
+                            table.give_back(slot)
+                    raise
+                for i, slot in enumerate(got):
+                    storage.record_sizes(slot, rows[i])
+                with self._meta_lock:
+                    table.publish_many(keys[: len(got)], got, prio, holder)
+            return batch.slots
+        finally:
+            held.release()
 
     def __contains__(self, cache_key: object) -> bool:
         key = check_key(cache_key)

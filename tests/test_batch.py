@@ -264,6 +264,45 @@ def test_set_many_copies_a_batch_in_one_call(small_pool: KVCachePool, kind: str)
     small_pool.check()
 
 
+@pytest.mark.parametrize("form", ["tensors", "batch"])
+def test_set_many_from_token_prefixes_writes_only_those_tokens(small_pool: KVCachePool, form: str) -> None:
+    """Entries given as their first tokens (at least the valid ones): the rest of each slot is
+    left as it was, which a reader never looks at."""
+    for k in (1, 2):
+        small_pool.set(k, keyed_entry(k))
+    fresh = torch.stack([torch.full(SMALL.block_shape, 9.0)[..., :2, :], torch.full(SMALL.block_shape, 8.0)[..., :2, :]])
+    entries = list(fresh) if form == "tensors" else fresh
+    slots = small_pool.set_many([1, 2], entries, [2, (1, 2, 2, 0)])
+    assert -1 not in slots
+    one, two = small_pool.get(1), small_pool.get(2)
+    assert torch.all(one._block[..., :2, :] == 9.0) and torch.all(two._block[..., :2, :] == 8.0)
+    assert [c._size for c in two._caches()] == [1, 2, 2, 0]
+    small_pool.check()
+
+
+@pytest.mark.parametrize("entries, sizes", [
+    ([torch.zeros(4, 1, 2, 2, 4)], [3]),  # 3 valid tokens, 2 given
+    ([torch.zeros(4, 1, 2, 9, 4)], [1]),  # longer than a slot
+    ([torch.zeros(4, 1, 3, 2, 4)], [1]),  # another head count
+    ([torch.zeros(4, 1, 2, 2, 4, dtype=torch.float64)], [1]),
+    ([torch.zeros(4, 1, 2, 2, 4, device="meta")], [1]),
+    ([torch.zeros(4, 1, 2, 2, 4)], None),
+    (torch.zeros(1, 4, 1, 2, 2, 4), [3]),
+])
+def test_set_many_refuses_prefixes_that_do_not_fit(entries, sizes) -> None:
+    pool = populated_pool()
+    assert_rejected(pool, EntryMismatchError, ValueError, lambda: pool.set_many([1], entries, sizes))
+
+
+def test_prefixes_need_the_slots_shape_first() -> None:
+    pool = KVCachePool(2)
+    with pytest.raises(EntryMismatchError, match="entry_spec"):
+        pool.set_many([1], [torch.zeros(4, 1, 2, 2, 4)], [1])
+    spec = EntrySpec(2, 1, 2, 4, 4)
+    assert pool.set_many([1], [torch.ones(4, 1, 2, 2, 4)], [2], entry_spec=spec) == [0]
+    assert pool.entry_spec == spec and pool.get(1).size == 2
+
+
 @pytest.mark.parametrize("entries, sizes, exc, builtin", [
     ([entry(1.0), "not an entry"], None, InvalidEntryError, TypeError),
     ([entry(1.0), entry(2.0, layers=3)], None, EntryMismatchError, ValueError),
@@ -386,6 +425,11 @@ def test_collector_batches_hold_count_foreign_hits_and_refusals() -> None:
         a.pin_roots(["42"])
     b.clear_recur_cache()
     assert 1 in m.recur_pool and 2 in m.recur_pool  # a's holds survive b's clear
+    slots = b.set_recur_many([30, 31], torch.zeros(2, *SMALL.block_shape), [1, 1])
+    assert slots[0] >= 0 and slots[1] == -1 and b.rejected == 2  # one slot was free
+    assert m.recur_pool.occupancy().held == 3
+    b.clear_recur_cache()
+    assert 30 not in m.recur_pool
     a.close()
     b.close()
     m.check()

@@ -184,6 +184,15 @@ class _Scratch:
             view = self._views[key] = self.block[:, env:stop_env, :, start : start + length]
         return view
 
+    def batch(self, start: int, length: int) -> torch.Tensor:
+        """Tokens ``[start, start + length)`` of every env as a batch of entries:
+        ``(B, 2L, 1, heads, length, hd)``."""
+        key = (-1, -1, start, length)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.block[..., start : start + length, :].transpose(0, 1).unsqueeze(2)
+        return view
+
     def bind(self, size: int) -> Any:
         """The model's keys_values_wm over the block, ``size`` tokens valid."""
         caches = [c for layer in self.kv._keys_values for c in (layer._k_cache, layer._v_cache)]
@@ -331,23 +340,20 @@ class BatchedSeam:
         if not sc.holds(wm.keys_values_wm):
             self._adopt(sc, wm.keys_values_wm)
         starts, sizes, rolled = self._cuts(envs, is_init_infer)
-        lengths = [s if isinstance(s, int) else max(s) for s in sizes]
         keys = self._keys(latent_state)
-        batches = self._reserve(keys, sizes, is_init_infer)
-        try:
-            dst, src = self._pairs(sc, batches, starts, lengths, is_init_infer)
-            with _no_grad():
-                if rolled and not wm.config.rotary_emb:  # LightZero's positional correction, in place
-                    shifted = [sc.window(first, start, sc.tokens - 3, stop) for first, stop, start in _runs(starts, rolled)]
-                    torch._foreach_add_(shifted, [self._pos_emb_diff()] * len(shifted))
-                if dst:
-                    torch._foreach_copy_(dst, src)
-        except BaseException:
-            for batch in batches:
-                batch.abort()
-            raise
-        for batch in batches:
-            self.collector.commit(batch)
+        # Each entry's valid tokens, where they are cut from (past an entry's size nothing is read).
+        lengths = [size if isinstance(size, int) else max(size) for size in sizes]
+        with _no_grad():
+            if rolled and not wm.config.rotary_emb:  # LightZero's positional correction, in place
+                shifted = [sc.window(first, start, sc.tokens - 3, stop) for first, stop, start in _runs(starts, rolled)]
+                torch._foreach_add_(shifted, [self._pos_emb_diff()] * len(shifted))
+            if is_init_infer:
+                self._store_roots(keys, [sc.window(env, starts[env], lengths[env]) for env in range(envs)], sizes)
+            elif len(set(starts)) == 1 and len(set(lengths)) == 1:  # every env cut alike: one tensor
+                self.collector.set_recur_many(keys, sc.batch(starts[0], lengths[0]), sizes, self.spec)
+            else:
+                windows = [sc.window(env, starts[env], lengths[env]) for env in range(envs)]
+                self.collector.set_recur_many(keys, windows, sizes, self.spec)
 
     def _cuts(self, envs: int, is_init_infer: bool) -> Tuple[List[int], List[SizesLike], List[int]]:
         """Where each env's entry starts in its row, its token counts, and which envs roll their
@@ -382,36 +388,29 @@ class BatchedSeam:
         digest = self._digest
         return [digest(row) for row in rows.reshape(rows.shape[0], -1)]
 
-    def _reserve(self, keys: List[int], sizes: List[SizesLike], roots: bool) -> List[WriteBatch]:
-        """Slots for the entries: one per env in its root pool, or one batch in the recur pool."""
+    def _store_roots(self, keys: List[int], windows: List[torch.Tensor], sizes: List[SizesLike]) -> None:
+        """Each env's root entry into its own root pool: a slot reserved in every pool, one copy
+        for them all, then a commit per pool."""
         c, spec = self.collector, self.spec
-        if not roots:
-            return [c.write_recur_many(keys, sizes, spec)]
         batches: List[WriteBatch] = []
         try:
             for env, (key, size) in enumerate(zip(keys, sizes)):
                 batches.append(c.write_init(env, key, size, spec))
+            targets: List[torch.Tensor] = []
+            sources: List[torch.Tensor] = []
+            for batch, window in zip(batches, windows):
+                target = batch.view(0, window.shape[3])
+                if target is not None:  # not refused
+                    targets.append(target)
+                    sources.append(window)
+            if targets:
+                torch._foreach_copy_(targets, sources)
         except BaseException:
             for batch in batches:
                 batch.abort()
             raise
-        return batches
-
-    @staticmethod
-    def _pairs(sc: _Scratch, batches: List[WriteBatch], starts: List[int], lengths: List[int],
-               roots: bool) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """(slot, window) pairs of the copy: each stored entry's valid tokens, where they are
-        cut from (tokens past an entry's size are never read: they are left as they were)."""
-        dst: List[torch.Tensor] = []
-        src: List[torch.Tensor] = []
-        for b, batch in enumerate(batches):
-            for i in batch.positions():
-                env = b if roots else i
-                target = batch.view(i, lengths[env])
-                assert target is not None
-                dst.append(target)
-                src.append(sc.window(env, starts[env], lengths[env]))
-        return dst, src
+        for batch in batches:
+            c.commit(batch)
 
     def _adopt(self, sc: _Scratch, kv: Any) -> None:
         """Copy a keys_values_wm LightZero built itself (an episode's first step) into the block."""

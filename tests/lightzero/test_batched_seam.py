@@ -178,8 +178,10 @@ def test_the_seam_issues_a_handful_of_aten_ops_per_recurrent_call(envs: int, lay
             return out
 
         model.recurrent_inference = counted
-        run_steps(model, 4, sims=DEEP_SIMS, envs=envs)
-        counts[mode] = max(calls[DEEP_SIMS:])  # past the first search: every lookup hits
+        run_steps(model, 5, sims=DEEP_SIMS, envs=envs)
+        # The last two searches: every lookup hits, and every slot has met each token count it
+        # gets (a slot's token-prefix view is made the first time, one view op).
+        counts[mode] = max(calls[-2 * DEEP_SIMS:])
     assert counts["new"] <= MAX_OPS_PER_RECURRENT_CALL
     assert counts["original"] > 10 * counts["new"]
 
