@@ -4,7 +4,7 @@ n/a where not measured. Nothing is asserted. Every row a goal reads is found by 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .memory import ZERO_ALLOCATION_OPS
 from .names import Checks, Comparison, Impl, Op
@@ -42,32 +42,24 @@ def goal(results: Results, section: str, goal_id: str, name: str, measured: Opti
 
 
 def latency_goals(results: Results) -> List[Row]:
-    ops = table(results, "micro", "ops")
-    floor = value(find(table(results, "micro", "floor"), size=SIZE, op=Op.COPY), "p50_us")
-    limit = FLOOR_FACTOR * floor + FLOOR_SLACK_US if floor else 0.0
-    target = (f"<= {FLOOR_FACTOR} x copy_ ({floor:.2f}) + {FLOOR_SLACK_US:g} = {limit:.2f} us" if floor
-              else f"<= {FLOOR_FACTOR} x copy_ + {FLOOR_SLACK_US:g} us")
-    out = []
-    for backend in ("rw", "mutex"):
-        for op in (Op.GET_OUT, Op.SET):
-            p50 = value(find(ops, size=SIZE, policy="fifo", backend=backend, op=op), "p50_us")
-            out.append(goal(results, "micro", f"floor:{backend}:{op}", f"96 KiB {op}, in-process {backend}, fifo: p50",
-                            p50 if floor else None, target, limit, True, "us"))
-    return out + foreign_goals(results)
+    """get(out=) and set against the copy_ floor: our entries against one copy_ of the same
+    bytes, entries in LightZero's layout against a copy_ of each of the same tensors."""
+    return (floor_goals(results, Op.COPY, "copy_", (Op.GET_OUT, Op.SET), "floor", ", fifo")
+            + floor_goals(results, Op.COPY_PARTS, "copy_ of its tensors", Op.FOREIGN, "foreign", ""))
 
 
-def foreign_goals(results: Results) -> List[Row]:
-    """get(out=) into and set from an entry in LightZero's layout, against copy_ of its tensors."""
+def floor_goals(results: Results, floor_op: str, floor_name: str, ops_measured: Sequence[str], goal_id: str,
+                what: str) -> List[Row]:
     ops = table(results, "micro", "ops")
-    floor = value(find(table(results, "micro", "floor"), size=SIZE, op=Op.COPY_PARTS), "p50_us")
+    floor = value(find(table(results, "micro", "floor"), size=SIZE, op=floor_op), "p50_us")
     limit = FLOOR_FACTOR * floor + FLOOR_SLACK_US if floor else 0.0
-    target = (f"<= {FLOOR_FACTOR} x copy_ of its tensors ({floor:.2f}) + {FLOOR_SLACK_US:g} = {limit:.2f} us" if floor
-              else f"<= {FLOOR_FACTOR} x copy_ of its tensors + {FLOOR_SLACK_US:g} us")
+    target = (f"<= {FLOOR_FACTOR} x {floor_name} ({floor:.2f}) + {FLOOR_SLACK_US:g} = {limit:.2f} us" if floor
+              else f"<= {FLOOR_FACTOR} x {floor_name} + {FLOOR_SLACK_US:g} us")
     out = []
     for backend in ("rw", "mutex"):
-        for op in Op.FOREIGN:
+        for op in ops_measured:
             p50 = value(find(ops, size=SIZE, policy="fifo", backend=backend, op=op), "p50_us")
-            out.append(goal(results, "micro", f"foreign:{backend}:{op}", f"96 KiB {op}, in-process {backend}: p50",
+            out.append(goal(results, "micro", f"{goal_id}:{backend}:{op}", f"96 KiB {op}, in-process {backend}{what}: p50",
                             p50 if floor else None, target, limit, True, "us"))
     return out
 
