@@ -184,15 +184,6 @@ class _Scratch:
             view = self._views[key] = self.block[:, env:stop_env, :, start : start + length]
         return view
 
-    def batch(self, start: int, length: int) -> torch.Tensor:
-        """Tokens ``[start, start + length)`` of every env as a batch of entries:
-        ``(B, 2L, 1, heads, length, hd)``."""
-        key = (-1, -1, start, length)
-        view = self._views.get(key)
-        if view is None:
-            view = self._views[key] = self.block[..., start : start + length, :].transpose(0, 1).unsqueeze(2)
-        return view
-
     def bind(self, size: int) -> Any:
         """The model's keys_values_wm over the block, ``size`` tokens valid."""
         caches = [c for layer in self.kv._keys_values for c in (layer._k_cache, layer._v_cache)]
@@ -347,12 +338,10 @@ class BatchedSeam:
             if rolled and not wm.config.rotary_emb:  # LightZero's positional correction, in place
                 shifted = [sc.window(first, start, sc.tokens - 3, stop) for first, stop, start in _runs(starts, rolled)]
                 torch._foreach_add_(shifted, [self._pos_emb_diff()] * len(shifted))
+            windows = [sc.window(env, starts[env], lengths[env]) for env in range(envs)]
             if is_init_infer:
-                self._store_roots(keys, [sc.window(env, starts[env], lengths[env]) for env in range(envs)], sizes)
-            elif len(set(starts)) == 1 and len(set(lengths)) == 1:  # every env cut alike: one tensor
-                self.collector.set_recur_many(keys, sc.batch(starts[0], lengths[0]), sizes, self.spec)
-            else:
-                windows = [sc.window(env, starts[env], lengths[env]) for env in range(envs)]
+                self._store_roots(keys, windows, sizes)
+            else:  # one batch, one lock hold, one copy
                 self.collector.set_recur_many(keys, windows, sizes, self.spec)
 
     def _cuts(self, envs: int, is_init_infer: bool) -> Tuple[List[int], List[SizesLike], List[int]]:
