@@ -192,12 +192,9 @@ class CollectorCaches:
         pool = self.recur_pool
         slots = pool.set_many(cache_keys, entries, sizes, holder=self._holder[pool.name], partial=True,
                               entry_spec=entry_spec)
-        stored = self._stored[pool.name]
-        for key, slot in zip(cache_keys, slots):
-            if slot >= 0:
-                stored.add(key)
-            else:
-                self.rejected += 1
+        refused = slots.count(-1)
+        self.rejected += refused
+        self._stored[pool.name].update(cache_keys if not refused else [k for k, s in zip(cache_keys, slots) if s >= 0])
         return slots
 
     def commit(self, batch: WriteBatch) -> List[int]:

@@ -55,19 +55,18 @@ StrategyLike = Union[EvictionStrategy, str, Type[EvictionPolicy]]
 MAX_SLOTS = 1 << 22
 
 
-def _copy_pairs(batch: WriteBatch, positions: List[int], data: List[Any]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """(slot, source) tensors that copy each position's entry data into its reserved slot."""
+def _copy_pairs(storage: SlotStorage, placed: List[Tuple[int, int]],
+                data: List[Any]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """(slot, source) tensors that copy the entry data of each (position, slot) into the slot."""
     dst: List[torch.Tensor] = []
     src: List[torch.Tensor] = []
-    for i in positions:
+    for i, slot in placed:
         block = data[i]
         if isinstance(block, torch.Tensor):  # a block, a row of a tensor batch, or a block's token prefix
-            target = batch.view(i, block.shape[3])
-            assert target is not None
-            dst.append(target)
+            dst.append(storage.slot(slot, block.shape[3]))
             src.append(block)
         else:  # LightZero's layout: one tensor per cache
-            dst += batch.parts(i)
+            dst += storage.parts(slot)
             src += block
     return dst, src
 
@@ -633,7 +632,8 @@ class KVCachePool:
             return self._set_many_locked(keys, data, rows, prio, holder, partial)
         batch = self.write_many(keys, rows, priority, holder=holder, partial=partial, entry_spec=spec)
         with batch:
-            dst, src = _copy_pairs(batch, batch.positions(), data)
+            assert self._storage is not None
+            dst, src = _copy_pairs(self._storage, [(i, batch.slots[i]) for i in batch.positions()], data)
             if dst:
                 torch._foreach_copy_(dst, src)
         return batch.slots
@@ -651,9 +651,8 @@ class KVCachePool:
                     if not partial and not table.can_take(len(keys)):
                         raise PoolExhaustedError(f"{self.name}: cannot free {len(keys)} slots; the others are pinned or held")
                     got = table.reserve_many(len(keys))
-                batch = WriteBatch(self, keys, got + [-1] * (len(keys) - len(got)), rows, prio, holder, storage, True)
                 try:
-                    dst, src = _copy_pairs(batch, batch.positions(), data)
+                    dst, src = _copy_pairs(storage, list(enumerate(got)), data)
                     if dst:
                         torch._foreach_copy_(dst, src)
                 except BaseException:
@@ -666,7 +665,7 @@ class KVCachePool:
                     storage.record_sizes(slot, rows[i])
                 with self._meta_lock:
                     table.publish_many(keys[: len(got)], got, prio, holder)
-            return batch.slots
+            return got + [-1] * (len(keys) - len(got))
         finally:
             held.release()
 

@@ -34,6 +34,8 @@ from .results import Row, Rows
 from .settings import Settings, Task
 
 LEGACY, OURS = "lightzero", "concurrent_kv"
+#: torch's own intra-op thread count, read before the command line sets 1 for the other sections.
+DEFAULT_THREADS = torch.get_num_threads()
 MODES = (LEGACY, OURS)
 CALLS = ("initial", "recurrent")
 #: The world model's methods that make up its cache seam (ours replace them in mode "new").
@@ -260,8 +262,7 @@ def measure(size: ModelSize, threads: int, steps: int, count_steps: int) -> Rows
     """Per-call times of both modes over ``steps`` measured env steps (after 2 warm-up steps),
     then the seam's aten ops over ``count_steps`` more; one row per (mode, call)."""
     before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or DEFAULT_THREADS)
     model, obs_dim, actions = build(size)
     meter = SeamMeter()
     both = TwoModes(model, meter)
@@ -297,7 +298,7 @@ def _row(size: ModelSize, threads: int, mode: str, call: str, samples: List[Tupl
     counted = [ops for ns, _, ops in samples if ns < 0]
     total, seam_total = sum(ns for ns, _ in timed), sum(seam for _, seam in timed)
     return {
-        "model": size.name, "threads": threads or torch.get_num_threads(), "mode": mode, "call": call,
+        "model": size.name, "threads": threads or DEFAULT_THREADS, "mode": mode, "call": call,
         "n": len(timed), "p50_us": statistics.median(ns for ns, _ in timed) / 1000,
         "seam_p50_us": statistics.median(seam for _, seam in timed) / 1000,
         "seam_share": seam_total / total if total else None,
