@@ -127,6 +127,7 @@ def _block_list(spec: Optional[EntrySpec], blocks: Sequence[Any], sizes: Any,
     rows = check_sizes(sizes, count, 2 * spec.num_layers, spec.max_tokens)
     width, n, heads, top, head_dim = spec.block_shape
     dtype = spec.dtype
+    data: List[EntryData] = []
     for block, row in zip(blocks, rows):
         shape = block.shape if type(block) is torch.Tensor else ()
         if len(shape) != 5 or shape[0] != width or shape[1] != n or shape[2] != heads or shape[4] != head_dim \
@@ -135,7 +136,8 @@ def _block_list(spec: Optional[EntrySpec], blocks: Sequence[Any], sizes: Any,
                 f"an entry tensor is {tuple(getattr(block, 'shape', ()))} {getattr(block, 'dtype', type(block))}; "
                 f"the slots hold {spec.block_shape} {spec.dtype} on {spec.device}, and an entry's tensor must hold "
                 f"its {max(row)} valid tokens")
-    return spec, [_detached(b) for b in blocks], rows
+        data.append(block.detach() if block.requires_grad else block)
+    return spec, data, rows
 
 
 class PinnedBatch:
