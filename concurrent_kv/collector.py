@@ -148,7 +148,12 @@ class CollectorCaches:
         self._check_open()
         if len(keys) > self.env_num:
             raise EnvIdError(f"{len(keys)} keys for a collector of {self.env_num} envs")
-        return [self._count_foreign(pool, pool.lookup_many([key])) for pool, key in zip(self.init_pools, keys)]
+        out = []
+        for pool, key in zip(self.init_pools, keys):  # keys checked once above: straight to the pins
+            pool._start_call()
+            batch = pool._pin_many([key])
+            out.append(self._count_foreign(pool, batch) if batch.hits else batch)
+        return out
 
     def pin_recur_many(self, cache_keys: Sequence[int]) -> PinnedBatch:
         """Pin the recur entries of ``cache_keys``, whoever stored them, under one lock."""

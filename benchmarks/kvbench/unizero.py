@@ -66,7 +66,8 @@ MODELS = (
 
 NOTES = [
     "unizero: the real LightZero 0.2.0 world model (vector observations), both modes on one model, swapped per env "
-    "step without clearing, in alternating order; p50 of every call after 2 warm-up steps; seam = time inside the "
+    "step without clearing, in alternating order; p50 of every call after 2 warm-up steps; time ratio = the median "
+    "over calls of ours / LightZero's for the same call of the same step (about a second apart); seam = time inside the "
     "cache seam functions (outermost call); share = total seam time / total call time; ops = aten ops issued inside "
     "the seam per call (TorchDispatchMode, a separate pass).",
 ]
@@ -289,7 +290,11 @@ def measure(size: ModelSize, threads: int, steps: int, count_steps: int) -> Rows
     finally:
         both.close()
         torch.set_num_threads(before)
-    return [_row(size, threads, mode, call, times[(mode, call)], mismatches) for mode in MODES for call in CALLS]
+    rows = [_row(size, threads, mode, call, times[(mode, call)], mismatches) for mode in MODES for call in CALLS]
+    for row in rows:
+        if row["mode"] == OURS:  # the same call of the same step, run a few ms apart in either mode
+            row["paired_ratio"] = _paired_ratio(times[(OURS, row["call"])], times[(LEGACY, row["call"])])
+    return rows
 
 
 def _row(size: ModelSize, threads: int, mode: str, call: str, samples: List[Tuple[int, int, int]],
@@ -307,15 +312,23 @@ def _row(size: ModelSize, threads: int, mode: str, call: str, samples: List[Tupl
     }
 
 
+def _paired_ratio(ours: List[Tuple[int, int, int]], legacy: List[Tuple[int, int, int]]) -> Optional[float]:
+    """The median over calls of ours / LightZero's time for the same call (same step, same
+    simulation): robust to the machine slowing down and speeding up over the run."""
+    ratios = [a[0] / b[0] for a, b in zip(ours, legacy) if a[0] > 0 and b[0] > 0]
+    return statistics.median(ratios) if ratios else None
+
+
 def compare(rows: Rows) -> Rows:
-    """Per model, threads and call: ours against LightZero's (time ratio, % faster)."""
+    """Per model, threads and call: ours against LightZero's (time ratio: the median of paired
+    calls' ratios, % faster)."""
     out = []
     for legacy in (r for r in rows if r["mode"] == LEGACY):
         ours = next((r for r in rows if r["mode"] == OURS and all(
             r[k] == legacy[k] for k in ("model", "threads", "call"))), None)
         if ours is None:
             continue
-        ratio = ours["p50_us"] / legacy["p50_us"]
+        ratio = ours.get("paired_ratio") or ours["p50_us"] / legacy["p50_us"]
         out.append({"model": legacy["model"], "threads": legacy["threads"], "call": legacy["call"],
                     "lightzero_p50_us": legacy["p50_us"], "ours_p50_us": ours["p50_us"], "time_ratio": ratio,
                     "faster_pct": 100 * (1 - ratio), "lightzero_share": legacy["seam_share"],

@@ -172,6 +172,7 @@ class _Scratch:
                                  device=spec.device)
         self.layers = list(self.block.unbind(0))  # (B, heads, T, hd) each
         self.kv = world_model.transformer.generate_empty_keys_values(n=batch, max_tokens=self.tokens)  # LightZero's
+        self._caches = [c for layer in self.kv._keys_values for c in (layer._k_cache, layer._v_cache)]
         self._views: Dict[Tuple[int, int, int, int], torch.Tensor] = {}
 
     def window(self, env: int, start: int, length: int, stop_env: int = -1) -> torch.Tensor:
@@ -186,23 +187,19 @@ class _Scratch:
 
     def bind(self, size: int) -> Any:
         """The model's keys_values_wm over the block, ``size`` tokens valid."""
-        caches = [c for layer in self.kv._keys_values for c in (layer._k_cache, layer._v_cache)]
-        for cache, layer in zip(caches, self.layers):
+        for cache, layer in zip(self._caches, self.layers):
             cache._cache, cache._size = layer, size
         return self.kv
 
     def holds(self, kv: Any) -> bool:
-        """Whether ``kv`` is this block's keys_values_wm, still over the block (the model's cache
-        update hands back a tensor over the same memory)."""
+        """Whether ``kv`` is this block's keys_values_wm, still over the block: the model's cache
+        update hands back a new tensor over the same memory, and only LightZero's own
+        trim_and_pad_kv_cache (replaced here) reassigns the caches, all of them, so the first and
+        the last cache tell."""
         if kv is not self.kv:
             return False
-        i = 0
-        for layer in kv._keys_values:
-            if layer._k_cache._cache.data_ptr() != self.layers[i].data_ptr() \
-                    or layer._v_cache._cache.data_ptr() != self.layers[i + 1].data_ptr():
-                return False
-            i += 2
-        return True
+        first, last = kv._keys_values[0]._k_cache._cache, kv._keys_values[-1]._v_cache._cache
+        return first.data_ptr() == self.layers[0].data_ptr() and last.data_ptr() == self.layers[-1].data_ptr()
 
 
 class BatchedSeam:
