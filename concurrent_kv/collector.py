@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
 
+from .batch import PinnedBatch, SizesLike, WriteBatch, check_keys
 from .checks import positive_int
+from .entry import EntrySpec
 from .errors import ClosedError, ConfigError, EnvIdError, PoolExhaustedError
 from .pool import KVCachePool
 
@@ -133,6 +135,84 @@ class CollectorCaches:
         """This collector's root pool of env ``env_id`` first, then the shared recur pool."""
         found = self.get_init_cache(env_id, cache_key, out)
         return found if found is not None else self.get_recur_cache(cache_key, out)
+
+    # -- batches: one lock acquisition per pool, one tensor operation per batch ---------------------
+
+    def pin_init(self, env_id: int, cache_key: int) -> PinnedBatch:
+        """Pin this collector's root entry of env ``env_id`` (a one-key batch; see
+        :meth:`KVCachePool.lookup_many`)."""
+        pool = self._init_pool(env_id)
+        return self._count_foreign(pool, pool.lookup_many([cache_key]))
+
+    def pin_roots(self, cache_keys: Sequence[int]) -> List[PinnedBatch]:
+        """Pin the root entry of ``cache_keys[i]`` in env ``i``'s root pool, for every ``i``
+        (UniZero's first lookup of each env of a batch): one one-key batch per env."""
+        keys = check_keys(cache_keys)
+        self._check_open()
+        if len(keys) > self.env_num:
+            raise EnvIdError(f"{len(keys)} keys for a collector of {self.env_num} envs")
+        out = []
+        for pool, key in zip(self.init_pools, keys):  # keys checked once above: straight to the pins
+            pool._start_call()
+            batch = pool._pin_many([key])
+            out.append(self._count_foreign(pool, batch) if batch.hits else batch)
+        return out
+
+    def pin_recur_many(self, cache_keys: Sequence[int]) -> PinnedBatch:
+        """Pin the recur entries of ``cache_keys``, whoever stored them, under one lock."""
+        self._check_open()
+        return self._count_foreign(self.recur_pool, self.recur_pool.lookup_many(cache_keys))
+
+    def _count_foreign(self, pool: KVCachePool, batch: PinnedBatch) -> PinnedBatch:
+        if batch.hits:
+            stored = self._stored[pool.name]
+            for key, slot in zip(batch.keys, batch.slots):
+                if slot >= 0 and key not in stored:
+                    self.foreign_hits += 1
+        return batch
+
+    def write_init(self, env_id: int, cache_key: int, size: SizesLike,
+                   entry_spec: Optional[EntrySpec] = None) -> WriteBatch:
+        """Reserve a slot for a root entry of env ``env_id`` (not held: the pool is this
+        collector's own); write it, then :meth:`commit`. Refused (counted) if every slot is leased."""
+        return self._reserve(self._init_pool(env_id), [cache_key], [size], entry_spec, hold=False)
+
+    def write_recur_many(self, cache_keys: Sequence[int], sizes: Sequence[SizesLike],
+                         entry_spec: Optional[EntrySpec] = None) -> WriteBatch:
+        """Reserve held recur slots for a batch; the refused ones (every slot leased or held)
+        are counted in ``rejected`` and will miss later, so the caller recomputes them."""
+        self._check_open()
+        return self._reserve(self.recur_pool, cache_keys, sizes, entry_spec, hold=True)
+
+    def _reserve(self, pool: KVCachePool, keys: Sequence[int], sizes: Sequence[SizesLike],
+                 entry_spec: Optional[EntrySpec], hold: bool) -> WriteBatch:
+        holder = self._holder[pool.name] if hold else None
+        batch = pool.write_many(keys, sizes, holder=holder, partial=True, entry_spec=entry_spec)
+        self.rejected += batch.refused
+        return batch
+
+    def set_recur_many(self, cache_keys: Sequence[int], entries: Any, sizes: Optional[Sequence[SizesLike]] = None,
+                       entry_spec: Optional[EntrySpec] = None) -> List[int]:
+        """Store and hold a batch of recur entries with one copy (see
+        :meth:`KVCachePool.set_many`); each key's slot, -1 where refused (counted in ``rejected``:
+        every slot was leased or held; the key will miss and the caller recomputes it)."""
+        self._check_open()
+        pool = self.recur_pool
+        slots = pool.set_many(cache_keys, entries, sizes, holder=self._holder[pool.name], partial=True,
+                              entry_spec=entry_spec)
+        refused = slots.count(-1)
+        self.rejected += refused
+        self._stored[pool.name].update(cache_keys if not refused else [k for k, s in zip(cache_keys, slots) if s >= 0])
+        return slots
+
+    def commit(self, batch: WriteBatch) -> List[int]:
+        """Publish a batch from :meth:`write_init` or :meth:`write_recur_many`; its slots."""
+        slots = batch.commit()
+        stored = self._stored[batch.pool.name]
+        for key, slot in zip(batch.keys, slots):
+            if slot >= 0:
+                stored.add(key)
+        return slots
 
     # -- clears release this collector's holds only ------------------------------------------------
 

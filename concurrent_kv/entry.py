@@ -303,7 +303,9 @@ class EntrySpec:
     head_dim: int
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
-    _block_shape: torch.Size = field(init=False, repr=False, compare=False)  # derived, for the hot path
+    _block_shape: torch.Size = field(init=False, repr=False, compare=False)  # derived, for the hot paths
+    _layer_size: torch.Size = field(init=False, repr=False, compare=False)
+    _on_cpu: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_samples", "num_heads", "max_tokens", "head_dim"):
@@ -320,6 +322,8 @@ class EntrySpec:
             raise EntryMismatchError(f"EntrySpec.device must name a usable torch device, got {self.device!r}: {exc}") from None
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "_block_shape", torch.Size((2 * self.num_layers, *self.layer_shape)))
+        object.__setattr__(self, "_layer_size", torch.Size(self.layer_shape))
+        object.__setattr__(self, "_on_cpu", device.type == "cpu")
 
     @classmethod
     def of(cls, kv: Any) -> "EntrySpec":
@@ -401,6 +405,10 @@ class EntrySpec:
                 found += (k, v)
             else:
                 return block, tuple(found)
+        else:
+            fitting = self._fitting_foreign(kv)
+            if fitting is not None:
+                return fitting
         tensors, sizes = entry_tensors(kv)
         if len(tensors) != 2 * self.num_layers:
             raise EntryMismatchError(f"entry has {len(tensors) // 2} layers, the pool's slots hold {self.num_layers}")
@@ -414,4 +422,30 @@ class EntrySpec:
         for s in sizes:
             if not 0 <= s <= self.max_tokens:
                 raise EntryMismatchError(f"entry _size {s} is outside [0, {self.max_tokens}]")
-        return tensors, tuple(int(x) for x in sizes)
+        return [t.detach() if t.requires_grad else t for t in tensors], tuple(int(x) for x in sizes)
+
+    def _fitting_foreign(self, kv: Any) -> Optional[Tuple[List[torch.Tensor], Tuple[int, ...]]]:
+        """The hot path of an entry in LightZero's own layout (a tensor per cache): its tensors
+        and sizes in one pass when everything fits, else None (the full check then says why)."""
+        shape, dtype, top = self._layer_size, self.dtype, self.max_tokens
+        tensors: List[torch.Tensor] = []
+        sizes: List[int] = []
+        try:
+            for layer in kv._keys_values:
+                k, v = layer._k_cache, layer._v_cache
+                kt, vt, ks, vs = k._cache, v._cache, k._size, v._size
+                if type(kt) is not torch.Tensor or type(vt) is not torch.Tensor or type(ks) is not int \
+                        or type(vs) is not int or not (0 <= ks <= top and 0 <= vs <= top) \
+                        or kt.shape != shape or vt.shape != shape or kt.dtype is not dtype or vt.dtype is not dtype \
+                        or not self.holds_device(kt) or not self.holds_device(vt) or kt.requires_grad or vt.requires_grad:
+                    return None
+                tensors += (kt, vt)
+                sizes += (ks, vs)
+        except (AttributeError, TypeError):
+            return None
+        return (tensors, tuple(sizes)) if len(tensors) == 2 * self.num_layers else None
+
+    def holds_device(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is on this spec's device (is_cpu is a flag; building t.device costs more
+        than every other check of a tensor together)."""
+        return t.is_cpu if self._on_cpu else t.device == self.device

@@ -29,6 +29,8 @@ import threading
 from types import MappingProxyType
 from typing import Any, Callable, List, Mapping, Optional, Tuple, Type, Union
 
+import torch
+
 from . import shared as shared_memory
 from .cells import Cells
 from .checks import boolean, instance_of, positive_int, positive_seconds
@@ -37,6 +39,7 @@ from .errors import ClosedError, ConfigError, EntryMismatchError, HolderError
 from .eviction import EvictionPolicy, EvictionStrategy, check_priority, resolve_policy
 from .keys import check_key
 from .locks import LOCK_KINDS, PoolLock, Releasable, make_lock
+from .pool_batches import BatchPaths
 from .pool_writes import WritePaths
 from .shared import PoolHandle, SharedParts
 from .shm import start_time
@@ -85,7 +88,7 @@ class Lease:
         self._slot = -1
 
 
-class KVCachePool(WritePaths):
+class KVCachePool(WritePaths, BatchPaths):
     """A thread-safe pool of KV-cache entries under int keys.
 
     Give the size as ``pool_size`` (slots) or ``max_bytes`` (slots = max_bytes // entry bytes).
@@ -349,8 +352,7 @@ class KVCachePool(WritePaths):
         """
         key = check_key(cache_key)
         self._start_call()
-        if out is not None:
-            self._check_out(out)
+        tensors = None if out is None else self._check_out(out)
         if self._capacity is None:
             self._miss_while_unsized()
             return None
@@ -368,7 +370,7 @@ class KVCachePool(WritePaths):
             elif slot is None:
                 return None
             assert self._storage is not None
-            return self._storage.read(slot, out)
+            return self._storage.read(slot, out, tensors)
         finally:
             held.release()
 
@@ -461,12 +463,15 @@ class KVCachePool(WritePaths):
 
     # -- writes --------------------------------------------------------------------------
 
-    def _check_out(self, out: Any) -> None:
-        """Validate a read buffer. Its token counts are about to be overwritten, so one of our
-        intact entries only needs its block's shape, dtype and device checked (the hot path)."""
+    def _check_out(self, out: Any) -> Optional[List[torch.Tensor]]:
+        """Validate a read buffer; return its tensors (one per cache, detached) unless it is one
+        of our intact entries. Its token counts are about to be overwritten, so one of ours only
+        needs its block's shape, dtype and device checked (the hot path)."""
         spec = self._spec
-        if spec is None or spec.own_block(out) is None:
-            self._check_entry(out)
+        if spec is not None and spec.own_block(out) is not None:
+            return None
+        _, data, _ = self._check_entry(out)
+        return None if isinstance(data, torch.Tensor) else data
 
     def _check_entry(self, kv: Any) -> Tuple[EntrySpec, Any, Tuple[int, ...]]:
         spec = self._spec if self._spec is not None else EntrySpec.of(kv)
@@ -588,7 +593,7 @@ class KVCachePool(WritePaths):
     def _check_holder(self, holder: Any) -> None:
         holds = getattr(getattr(self, "_state", None), "holds", None)
         if isinstance(holder, bool) or not isinstance(holder, int) or holds is None \
-                or not 0 <= holder < len(holds.rows) or holds.pid[holder] != os.getpid():
+                or not 0 <= holder < len(holds.rows) or holds.pid[holder] != self._pid:
             raise HolderError(f"pool {self.name!r}: {holder!r} is not a holder this process added (add_holder)")
 
     def recover(self) -> List[int]:

@@ -17,7 +17,7 @@ that ``pool.py`` reads as the pool's public API.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from .errors import ClosedError, PoolExhaustedError
 
@@ -124,35 +124,37 @@ class WritePaths:
                 self._fault("writing")
             storage.write(slot, data, sizes)
         except BaseException:
-            self._end_split_write(slot)
+            self._end_writes([slot], None)
             raise
-        if not self._end_split_write(slot, key, prio, holder):
+        if not self._end_writes([slot], [key], prio, holder):
             raise ClosedError(f"pool {self.name!r} was closed during set")
         return slot
 
-    def _end_split_write(self, slot: int, key: Optional[int] = None, prio: float = 0.0,
-                         holder: Optional[int] = None) -> bool:
-        """Under the exclusive lock, end a split write: publish ``slot`` as ``key``'s entry (newer
-        than any value stored meanwhile), or hand the slot back when there is no key (the copy
-        failed) or the pool was closed meanwhile (close() is waiting). Return whether it published."""
+    def _end_writes(self, slots: List[int], keys: Optional[List[int]], prio: float = 0.0,
+                    holder: Optional[int] = None) -> bool:
+        """Under the exclusive lock, end split writes (one ``set``'s, or a batch's): publish
+        ``slots`` as ``keys``' entries, newer than any value stored meanwhile and held by
+        ``holder``, or hand them back when there are no keys (the copy failed) or the pool was
+        closed meanwhile (close() is waiting). Return whether it published."""
+        if not slots:
+            return not self._closed
         try:
             held = self._acquire(True)
         except BaseException:
-            with self._meta_lock:  # the slot stays pinned until this process closes or exits
+            with self._meta_lock:  # the slots stay pinned until this process closes or exits
                 self._inflight -= 1
             raise
         try:
-            slots = self._slots
-            with slots.changing, self._meta_lock:
-                slots.unreserve(slot)
+            table = self._slots
+            with table.changing, self._meta_lock:
                 self._inflight -= 1
-                publish = key is not None and not self._closed
-                if key is not None and publish:
-                    slots.publish(key, slot, prio)
-                    if holder is not None:
-                        slots.hold(slot, holder)
+                publish = keys is not None and not self._closed
+                if keys is not None and publish:
+                    table.publish_many(keys, slots, prio, holder)
                 else:
-                    slots.give_back(slot)
+                    for slot in slots:
+                        table.unreserve(slot)
+                        table.give_back(slot)
             return publish
         finally:
             held.release()

@@ -125,6 +125,21 @@ class SlotTable:
         st.stats.counters[EVICTIONS] += self.count_stats
         return victim
 
+    def can_take(self, count: int) -> bool:
+        """Whether ``count`` slots can be taken now (free, retired and unpinned, or evictable),
+        so that a batch is refused before anything is evicted. O(capacity) only when the free
+        stack alone is too short."""
+        st = self.state
+        if len(st.free) >= count:
+            return True
+        if st.shared:
+            st.reap_dead_workers()
+        if st.scalars[RETIRED_COUNT] or st.shared:
+            self.sweep()
+        total, held = st.pins.total, st.holds.count
+        spare = sum(1 for slot in st.index.values() if not held[slot] and not total(slot))
+        return len(st.free) + spare >= count
+
     def reserve(self) -> int:
         """Take a slot for a split write: WRITING and pinned in this process's row, so no one
         else serves, evicts or frees it while it is copied into outside the lock."""
@@ -132,6 +147,32 @@ class SlotTable:
         self.state.pins.own[slot] += 1
         self.state.slot_state[slot] = WRITING
         return slot
+
+    def reserve_many(self, count: int) -> List[int]:
+        """Up to ``count`` slots reserved as :meth:`reserve` does, fewer when the rest cannot be
+        freed (pinned or held). One call per batch: the loop is the hot path of batched stores."""
+        st = self.state
+        free, own, states = st.free, st.pins.own, st.slot_state
+        got: List[int] = []
+        try:
+            for _ in range(count):
+                slot = free.pop() if free and not st.shared else self.take()  # take: sweeps, reaps
+                own[slot] += 1
+                states[slot] = WRITING
+                got.append(slot)
+        except PoolExhaustedError:
+            pass
+        return got
+
+    def publish_many(self, keys: List[int], slots: List[int], priority: float, holder: Optional[int]) -> None:
+        """End split writes: each slot of :meth:`reserve_many` published as its key's entry (as
+        :meth:`unreserve` then :meth:`publish`), held by ``holder`` when given."""
+        own = self.state.pins.own
+        for key, slot in zip(keys, slots):
+            own[slot] -= 1
+            self.publish(key, slot, priority)
+            if holder is not None:
+                self.hold(slot, holder)
 
     def unreserve(self, slot: int) -> None:
         """The split write of ``slot`` is over: drop its pin (then :meth:`publish` or :meth:`give_back`)."""

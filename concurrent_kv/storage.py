@@ -8,14 +8,17 @@ sit beside it. Storage knows nothing of keys, policies or locks: the pool decide
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .entry import EntrySpec, KeysValues, entry_tensors
+from .entry import EntrySpec, KeysValues
 from .cells import Cells
 
 __all__ = ["SlotStorage"]
+
+#: Token-prefix views kept per slot on average (UniZero reads and writes a handful of lengths).
+_HEADS_KEPT = 8
 
 
 class SlotStorage:
@@ -38,6 +41,7 @@ class SlotStorage:
         self._slots: List[torch.Tensor] = list(block.unbind(0))  # one view per slot, made once
         self._parts: List[Optional[List[torch.Tensor]]] = [None] * capacity  # per-tensor views, made on demand
         self._views: List[Optional[KeysValues]] = [None] * capacity  # lease views, made on demand
+        self._heads: Dict[Tuple[int, int], torch.Tensor] = {}  # (slot, tokens) -> view, made on demand
         self._width = 2 * spec.num_layers
         self._sizes: Cells = [0] * (capacity * self._width) if sizes is None else sizes
 
@@ -49,7 +53,23 @@ class SlotStorage:
         base = slot * self._width
         return tuple(self._sizes[base : base + self._width])
 
-    def _record_sizes(self, slot: int, sizes: Tuple[int, ...]) -> None:
+    def size(self, slot: int) -> int:
+        """``slot``'s first token count (layer 0's K)."""
+        return self._sizes[slot * self._width]
+
+    def slot(self, slot: int, tokens: Optional[int] = None) -> torch.Tensor:
+        """``slot``'s tensor ``(2 * layers, n, heads, max_tokens, head_dim)``, or its first
+        ``tokens`` tokens of every cache (views made once; batched copies move only valid tokens)."""
+        if tokens is None or tokens == self.spec.max_tokens:
+            return self._slots[slot]
+        view = self._heads.get((slot, tokens))
+        if view is None:
+            if len(self._heads) >= _HEADS_KEPT * self.capacity:  # long contexts: bounded, not every length
+                self._heads.clear()
+            view = self._heads[(slot, tokens)] = self._slots[slot][..., :tokens, :]
+        return view
+
+    def record_sizes(self, slot: int, sizes: Tuple[int, ...]) -> None:
         cells, i = self._sizes, slot * self._width
         for size in sizes:
             cells[i] = size
@@ -67,27 +87,28 @@ class SlotStorage:
         """Deep-copy validated entry data (see ``EntrySpec.check``) into ``slot``."""
         if isinstance(data, torch.Tensor):
             self._slots[slot].copy_(data.detach() if data.requires_grad else data)
-        else:
-            torch._foreach_copy_(self._parts_of(slot), [t.detach() for t in data])
-        self._record_sizes(slot, sizes)
+        else:  # checked tensors: detached where they needed it
+            torch._foreach_copy_(self.parts(slot), data)
+        self.record_sizes(slot, sizes)
 
-    def _parts_of(self, slot: int) -> List[torch.Tensor]:
+    def parts(self, slot: int) -> List[torch.Tensor]:
+        """``slot``'s K0, V0, K1, ... tensors (views made on first use)."""
         parts = self._parts[slot]
         if parts is None:
             parts = self._parts[slot] = list(self._slots[slot].unbind(0))
         return parts
 
-    def read(self, slot: int, out: Optional[Any] = None) -> Any:
+    def read(self, slot: int, out: Optional[Any] = None, tensors: Optional[List[torch.Tensor]] = None) -> Any:
         """A private deep copy of ``slot``: a new :class:`KeysValues`, or copied into ``out``
-        (already validated against the spec)."""
+        (already validated against the spec; ``tensors`` are its checked tensors, one per cache,
+        when it is not one of our intact entries)."""
         if out is None:
             return KeysValues.from_block(self._slots[slot].clone(), self.sizes(slot))
-        target = out.block_if_intact() if type(out) is KeysValues else None
-        if target is not None:
+        if tensors is None:
+            target = out.block_if_intact()
             (target.detach() if target.requires_grad else target).copy_(self._slots[slot])
         else:
-            tensors, _ = entry_tensors(out)
-            torch._foreach_copy_([t.detach() for t in tensors], self._parts_of(slot))
+            torch._foreach_copy_(tensors, self.parts(slot))
         self._give_sizes(slot, out)
         return out
 
@@ -101,9 +122,9 @@ class SlotStorage:
         """
         kv = self._views[slot]
         if kv is None:
-            kv = self._views[slot] = KeysValues.from_block(self._slots[slot], self.sizes(slot), self._parts_of(slot))
+            kv = self._views[slot] = KeysValues.from_block(self._slots[slot], self.sizes(slot), self.parts(slot))
             return kv
-        parts, cells, base = self._parts_of(slot), self._sizes, slot * self._width
+        parts, cells, base = self.parts(slot), self._sizes, slot * self._width
         i = 0
         for layer in kv._keys_values:
             k, v = layer._k_cache, layer._v_cache

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from concurrent_kv import EntrySpec, EvictionStrategy, KeysValues, KVCachePool
+from concurrent_kv.testing.lightzero_layout import LightZeroCache, LightZeroKVCache, LightZeroKeysValues
 from concurrent_kv.workload import fill_entry, verify_entry
 
 #: A small entry (2 layers, 2 heads, 4 tokens, head_dim 8): 1 KiB, fast in stress loops.
@@ -132,36 +133,8 @@ NUM_HEADS, MAX_TOKENS, EMBED_DIM, NUM_LAYERS = 8, 8, 768, 2  # Atari defaults: 9
 
 
 
-class LZCache:
-    """LightZero's ``Cache``: one tensor and a valid-token count."""
-
-    def __init__(self, n: int, num_heads: int, max_tokens: int, head_dim: int) -> None:
-        self._cache = torch.empty(n, num_heads, max_tokens, head_dim)
-        self._size = 0
-        self._max_tokens = max_tokens
-        self._device = self._cache.device
-
-
-
-class LZKVCache:
-    def __init__(self, n: int, num_heads: int, max_tokens: int, embed_dim: int) -> None:
-        self._k_cache = LZCache(n, num_heads, max_tokens, embed_dim // num_heads)
-        self._v_cache = LZCache(n, num_heads, max_tokens, embed_dim // num_heads)
-
-
-
-class LZKeysValues:
-    """LightZero's ``KeysValues`` shape: a tuple of per-layer K/V caches, each a separate tensor."""
-
-    def __init__(self, n: int, num_heads: int, max_tokens: int, embed_dim: int, num_layers: int, device: str = "cpu"):
-        self._keys_values = tuple(LZKVCache(n, num_heads, max_tokens, embed_dim) for _ in range(num_layers))
-
-    @property
-    def size(self) -> int:
-        return self._keys_values[0]._k_cache._size
-
-    def __len__(self) -> int:
-        return len(self._keys_values)
+# LightZero's layout (a tensor per cache), as the library ships it for tests and benchmarks.
+LZCache, LZKVCache, LZKeysValues = LightZeroCache, LightZeroKVCache, LightZeroKeysValues
 
 
 

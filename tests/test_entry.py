@@ -142,6 +142,66 @@ def test_get_into_a_foreign_entry_copies_data_and_sizes() -> None:
     assert [c._size for c in out._caches()] == [1, 2, 3, 4]
 
 
+def lightzero_layout(value: float = 1.0, size: int = 3) -> Any:
+    """An entry in LightZero's own layout (a tensor per cache) of the spec below."""
+    from .helpers import LZKeysValues, caches
+
+    kv = LZKeysValues(1, 2, 4, 8, 2)
+    for i, c in enumerate(caches(kv)):
+        c._cache.fill_(value + i)
+        c._size = size
+    return kv
+
+
+FOREIGN_SPEC = EntrySpec(2, 1, 2, 4, 4)
+
+
+def test_a_foreign_entry_is_checked_in_one_pass_with_the_full_checks_answer() -> None:
+    kv = lightzero_layout()
+    fast = FOREIGN_SPEC._fitting_foreign(kv)
+    assert fast is not None
+    tensors, sizes = fast
+    assert [t.data_ptr() for t in tensors] == [t.data_ptr() for t in entry_tensors(kv)[0]]  # no copy
+    assert sizes == (3, 3, 3, 3) and FOREIGN_SPEC.check(kv) == fast
+
+
+@pytest.mark.parametrize("change", ["grad", "numpy_size", "strided"])
+def test_a_foreign_entry_off_the_fast_path_is_still_taken(change: str) -> None:
+    kv = lightzero_layout()
+    cache = kv._keys_values[1]._v_cache
+    if change == "grad":
+        cache._cache = cache._cache.clone().requires_grad_(True)
+    elif change == "numpy_size":
+        cache._size = np.int64(2)
+    else:
+        cache._cache = torch.ones(1, 2, 8, 4)[:, :, ::2]  # a strided view of the right shape
+    assert FOREIGN_SPEC._fitting_foreign(kv) is None or change == "strided"
+    tensors, sizes = FOREIGN_SPEC.check(kv)
+    assert not any(t.requires_grad for t in tensors) and all(type(s) is int for s in sizes)
+    pool = KVCachePool(2, entry_spec=FOREIGN_SPEC)
+    pool.set(1, kv)
+    out = lightzero_layout(value=-1.0, size=0)
+    assert pool.get(1, out=out) is out
+    assert all(torch.equal(a, b.detach()) for a, b in zip(entry_tensors(out)[0], entry_tensors(kv)[0]))
+    assert entry_tensors(out)[1] == sizes
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda c: setattr(c, "_cache", torch.zeros(1, 2, 5, 4)), EntryMismatchError),  # wrong token count
+    (lambda c: setattr(c, "_cache", torch.zeros(1, 2, 4, 4, dtype=torch.float64)), EntryMismatchError),
+    (lambda c: setattr(c, "_cache", torch.zeros(1, 2, 4, 4, device="meta")), EntryMismatchError),
+    (lambda c: setattr(c, "_size", 9), EntryMismatchError),
+    (lambda c: setattr(c, "_size", "3"), InvalidEntryError),
+    (lambda c: setattr(c, "_cache", [0.0]), InvalidEntryError),
+])
+def test_a_foreign_entry_that_does_not_fit_gets_the_full_checks_error(change: Any, error: Any) -> None:
+    kv = lightzero_layout()
+    change(kv._keys_values[1]._k_cache)
+    assert FOREIGN_SPEC._fitting_foreign(kv) is None
+    with pytest.raises(error):
+        FOREIGN_SPEC.check(kv)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation: EntrySpec and entry constructors
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from concurrent_kv import CollectorCaches, EntrySpec, HolderError, KVCacheManager, KVCachePool, PoolExhaustedError
+from concurrent_kv import CollectorCaches, HolderError, KVCacheManager, KVCachePool, PoolExhaustedError
 from concurrent_kv.errors import ClosedError, ConfigError, EnvIdError
 
 from .helpers import SMALL, is_entry_of, keyed_entry

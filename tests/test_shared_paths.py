@@ -24,7 +24,7 @@ from concurrent_kv import (
     SharedMemoryError,
 )
 from concurrent_kv import shm
-from concurrent_kv.state import DIRTY, READY, RETIRED, WRITING
+from concurrent_kv.state import DIRTY, RETIRED, WRITING
 from concurrent_kv.workload import entry_writer, fill_entry, verify_entry
 
 SPEC = EntrySpec(num_layers=1, num_samples=1, num_heads=2, max_tokens=4, head_dim=4)

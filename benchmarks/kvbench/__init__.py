@@ -12,8 +12,9 @@ hit rates of the eviction policies against Belady's optimum. Run from the reposi
 Sections (``--only NAME ...``; the first five by default):
 
 * ``micro``: p50/p99 latency and ops/s of get (new entry), get(out=), get miss, lease hit,
-  set (rewrite), hierarchical_get (init miss + recur hit, through a KVCacheManager) and set (new
-  key, evicting), per entry size (8 KiB, 96 KiB, 1.27 MiB), policy (fifo, lru, priority) and
+  set (rewrite), hierarchical_get (init miss + recur hit, through a KVCacheManager), get(out=) and
+  set with entries in LightZero's own layout (a tensor per K/V cache, against copy_ of those
+  tensors) and set (new key, evicting), per entry size (8 KiB, 96 KiB, 1.27 MiB), policy (fifo, lru, priority) and
   backend (in-process ``rw`` / ``mutex`` lock, ``shared`` memory), each against the floor: one
   ``Tensor.copy_`` of the same bytes, measured in the same run.
 * ``baselines``: LegacyRingPool (set; get + copy into a staging entry, as LightZero's world
@@ -28,6 +29,11 @@ Sections (``--only NAME ...``; the first five by default):
   PRIORITY pools at several capacities, beside Belady's offline optimum.
 * ``threads``: 2 threads against 1, on one pool and on a pool each: the GIL ceiling.
 * ``scaling``: 1 against 2 worker processes, on one shared pool and as UniZero collectors.
+* ``unizero``: LightZero 0.2.0's real UniZero world model (Atari- and CartPole-sized), its own
+  caches against the adapter's batched seam, per initial_inference and recurrent_inference
+  call: time, the cache seam's share, its aten ops, identical outputs. It needs lightzero:
+  ``PYTHONPATH=. .venv-lightzero/bin/python -m benchmarks.kvbench --only unizero`` (elsewhere
+  it reports itself skipped).
 
 Presets (``--preset``) are focused runs of the same code: ``pool-ops`` (micro: fifo, rw and mutex,
 400 slots, 96 KiB), ``shared`` (micro for rw and shared pools, Manager dict and torch queue,
@@ -40,5 +46,5 @@ PASS / MISS (``n/a`` where not measured); nothing is asserted.
 Modules: ``settings`` (what is measured), ``names`` (row labels), ``timing`` (the one way of
 timing), ``fixtures``, one module per section (``micro``, ``baselines`` with ``crossproc``,
 ``trace``, ``memory``, ``hitrate``, ``threads``), ``goals``, ``report``, ``plots``, ``runner``,
-``cli``.
+``cli``; ``unizero`` with its own driver of the real model.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from concurrent_kv import EntrySpec, KVCacheManager, KVCachePool
+from concurrent_kv.testing.lightzero_layout import in_lightzero_layout
 from concurrent_kv.workload import fill_entry
 
 from .settings import SIZES
@@ -34,3 +35,8 @@ def fill_pool(pool: Any, entry: Any, slots: int) -> None:
 def filled(size: str, key: int) -> Any:
     """A new entry of ``size`` that encodes ``key``."""
     return fill_entry(SIZES[size].empty_entry(), key)
+
+
+def foreign(size: str, key: int) -> Any:
+    """The same, in LightZero's own layout: a tensor per K/V cache."""
+    return in_lightzero_layout(filled(size, key))

@@ -9,7 +9,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .fixtures import fill_pool, filled, make_bench_manager, make_pool
+from concurrent_kv.entry import entry_tensors
+
+from .fixtures import fill_pool, filled, foreign, make_bench_manager, make_pool
 from .names import Op
 from .results import Row, Rows
 from .settings import HOT, MISS_KEY, SIZES, Settings, Task
@@ -19,19 +21,28 @@ NOTES = [
     "Micro: in the full run every measurement (the floor too) is taken in three rounds, at the start, the middle "
     "and the end of the run; the lowest p50 is kept (min of repeats, as timeit advises), all in p50_runs_us.",
     "x floor = p50 / p50 of one copy_ of the same bytes into a preallocated tensor, measured in the same run; "
-    "a get that returns a new entry is better compared with the clone row of the floor table.",
+    "a get that returns a new entry is better compared with the clone row of the floor table; the LightZero-layout "
+    "rows (a tensor per K/V cache, as LightZero's own KeysValues) against a copy_ of each of the same tensors.",
 ]
 
 
 def measure_floor(size: str, n: int) -> Rows:
-    """The physical floor: one ``copy_`` of an entry's bytes into a preallocated tensor, and one
-    ``clone`` (a copy into a new allocation, the floor of a get that returns a new entry)."""
+    """The physical floor: one ``copy_`` of an entry's bytes into a preallocated tensor, one
+    ``clone`` (a copy into a new allocation, the floor of a get that returns a new entry), and
+    the ``copy_`` of each tensor of an entry in LightZero's layout (the floor of its get and set)."""
     spec = SIZES[size]
     src = filled(size, 1)._block
     dst = torch.empty_like(src)
+    parts = list(zip(entry_tensors(foreign(size, 1))[0], entry_tensors(foreign(size, 2))[0]))
+
+    def copy_parts() -> None:
+        for s, d in parts:
+            d.copy_(s)
+
     return [
         {"size": size, "bytes": spec.nbytes, "op": Op.COPY, **latency(lambda: dst.copy_(src), n)},
         {"size": size, "bytes": spec.nbytes, "op": Op.CLONE, **latency(lambda: src.clone(), n)},
+        {"size": size, "bytes": spec.nbytes, "op": Op.COPY_PARTS, **latency(copy_parts, n)},
     ]
 
 
@@ -41,6 +52,7 @@ def measure_pool_ops(size: str, policy: str, backend: str, slots: int, n: int) -
     spec = SIZES[size]
     entry = filled(size, HOT)
     buf = spec.empty_entry()
+    lightzero_entry, lightzero_buf = foreign(size, HOT), foreign(size, 0)
     pool = make_pool(spec, policy, backend, slots)
     manager = make_bench_manager(spec, policy, backend, slots)
     try:
@@ -60,6 +72,8 @@ def measure_pool_ops(size: str, policy: str, backend: str, slots: int, n: int) -
             (Op.LEASE, lease),
             (Op.SET, lambda: pool.set(HOT, entry)),
             (Op.HIERARCHICAL, lambda: manager.hierarchical_get(0, HOT, out=buf)),
+            (Op.GET_OUT_FOREIGN, lambda: pool.get(HOT, out=lightzero_buf)),
+            (Op.SET_FOREIGN, lambda: pool.set(HOT, lightzero_entry)),
             (Op.SET_EVICTING, lambda: pool.set(next(fresh), entry)),
         ]
         rows = []
@@ -106,9 +120,9 @@ def summarize_micro(micro: Dict[str, Rows]) -> None:
         return
     micro["floor"] = _lowest_p50(micro.get("floor", []), ("size", "op"))
     micro["ops"] = _lowest_p50(micro.get("ops", []), ("size", "policy", "backend", "op"))
-    floors = {r["size"]: r["p50_us"] for r in micro["floor"] if r["op"] == Op.COPY}
+    floors = {(r["size"], r["op"]): r["p50_us"] for r in micro["floor"]}
     for r in micro["ops"]:
-        f = floors.get(r["size"])
+        f = floors.get((r["size"], Op.COPY_PARTS if r["op"] in Op.FOREIGN else Op.COPY))
         if f:
             r["floor_us"] = f
             r["x_floor"] = r["p50_us"] / f

@@ -12,6 +12,7 @@ class Op:
     """Pool operations (micro, memory, in-process baselines)."""
 
     COPY = "copy_"
+    COPY_PARTS = "copy_ (a tensor per cache)"  # the floor of entries in LightZero's layout
     CLONE = "clone"
     GET_NEW = "get (new entry)"
     GET_NEW_CONTROL = "get (new entry) [control]"
@@ -21,6 +22,9 @@ class Op:
     SET = "set (rewrite)"
     HIERARCHICAL = "hierarchical_get (out=)"
     SET_EVICTING = "set (new key, evicting)"
+    GET_OUT_FOREIGN = "get (out=, LightZero layout)"
+    SET_FOREIGN = "set (rewrite, LightZero layout)"
+    FOREIGN = (GET_OUT_FOREIGN, SET_FOREIGN)  # measured against COPY_PARTS
     LEGACY_GET = "get + copy to staging"
     LEGACY_SET = "set (ring write)"
     CLONE_GET = "get (clone)"

@@ -101,6 +101,25 @@ def _memory(results: Results) -> List[Table]:
     ]
 
 
+def _unizero(results: Results) -> List[Table]:
+    return [
+        Table("unizero: per call, LightZero 0.2.0's world model",
+              "p50 of each call; seam = time inside the cache seam (p50), share = its total / the calls' total; "
+              "ops = aten ops the seam issues per call; mismatches = output tensors differing between the modes",
+              table(results, "unizero", "calls"),
+              [("model", "model"), ("threads", "threads"), ("mode", "mode"), ("call", "call"), ("n", "n"),
+               ("p50_us", "p50 us"), ("seam_p50_us", "seam p50 us"), ("seam_share", "seam share", 4),
+               ("ops_per_call", "ops/call", 1), ("output_mismatches", "mismatches"), ("skipped", "skipped")]),
+        Table("unizero: concurrent_kv against LightZero's own caches",
+              "time ratio = median over calls of ours / LightZero's time for the same call of the same step",
+              table(results, "unizero", "compare"),
+              [("model", "model"), ("threads", "threads"), ("call", "call"), ("lightzero_p50_us", "LightZero us"),
+               ("ours_p50_us", "ours us"), ("time_ratio", "time ratio", 3), ("faster_pct", "% faster", 1),
+               ("lightzero_share", "LightZero share", 4), ("ours_share", "our share", 4),
+               ("lightzero_ops", "LightZero ops", 0), ("ours_ops", "our ops", 0)]),
+    ]
+
+
 def _hitrate(results: Results) -> List[Table]:
     return [Table("hitrate: recur pool reads", "priority (-depth): deepest evicted first; priority (search, "
                   "-depth): older searches first, then deepest; belady: offline optimum",
@@ -134,7 +153,7 @@ def _scaling(results: Results) -> List[Table]:
 
 _SECTION_TABLES: List[Tuple[str, Callable[[Results], List[Table]]]] = [
     ("micro", _micro), ("baselines", _baselines), ("trace", _trace), ("memory", _memory), ("hitrate", _hitrate),
-    ("threads", _threads), ("scaling", _scaling)]
+    ("threads", _threads), ("scaling", _scaling), ("unizero", _unizero)]
 
 
 def tables(results: Results) -> List[Table]:

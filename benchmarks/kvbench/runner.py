@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Dict, List, Sequence
 
-from . import baselines, crossproc, hitrate, memory, micro, threads, timing, trace
+from . import baselines, crossproc, hitrate, memory, micro, threads, timing, trace, unizero
 from .goals import goals
 from .results import Results
 from .settings import SECTIONS, Settings, Task
@@ -15,10 +15,10 @@ from .timing import Stopwatch
 _TASKS: Dict[str, Callable[[Settings], List[Task]]] = {
     "micro": micro.micro_tasks, "baselines": baselines.baseline_tasks, "trace": trace.trace_tasks,
     "memory": memory.memory_tasks, "hitrate": hitrate.hitrate_tasks, "threads": threads.threads_tasks,
-    "scaling": crossproc.scaling_tasks,
+    "scaling": crossproc.scaling_tasks, "unizero": unizero.unizero_tasks,
 }
 #: In the order results.md lists them.
-NOTES = (timing.NOTES + micro.NOTES + trace.NOTES + hitrate.NOTES + memory.NOTES + baselines.NOTES)
+NOTES = (timing.NOTES + micro.NOTES + trace.NOTES + hitrate.NOTES + memory.NOTES + baselines.NOTES + unizero.NOTES)
 
 
 def build_tasks(s: Settings, only: Sequence[str]) -> List[Task]:
@@ -57,5 +57,6 @@ def summarize(results: Results) -> None:
     trace.summarize_trace(results.get("trace", {}))
     baselines.summarize_baselines(results)
     crossproc.summarize_scaling(results.get("scaling", {}))
+    unizero.summarize_unizero(results.get("unizero", {}))
     results["goals"] = goals(results)
     results["notes"] = list(NOTES)

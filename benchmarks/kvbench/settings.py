@@ -23,7 +23,8 @@ MISS_KEY = 2**63 + 12345  # never stored
 
 #: Sections of the default run, in run order; then those only --only or a preset asks for.
 DEFAULT_SECTIONS = ("micro", "baselines", "trace", "memory", "hitrate")
-SECTIONS = DEFAULT_SECTIONS + ("threads", "scaling")
+#: ``unizero`` runs LightZero's real world model: only in the LightZero environment, on request.
+SECTIONS = DEFAULT_SECTIONS + ("threads", "scaling", "unizero")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Settings:
     threads_calls: int = 20000  # calls per thread (threads section)
     scaling_seconds: float = 3.0  # per shared-pool throughput run (scaling section)
     scaling_steps: int = 30  # env steps per env of its trace runs
+    unizero_calls: int = 300  # recurrent calls per mode and model (unizero section)
+    unizero_threads: Tuple[int, ...] = (1, 0)  # torch intra-op threads (0: torch's default)
 
     @classmethod
     def make(cls, quick: bool) -> "Settings":
@@ -57,7 +60,8 @@ class Settings:
             return cls(quick=True, micro_sizes=("96KiB",), calls=dict.fromkeys(SIZES, 500), slots=200,
                        xproc_calls=40, trace_steps=10, trace_sims=(25,), trace_threads=(1, 2),
                        trace_processes=((1, 1),), trace_locks=("rw", "mutex"), trace_repeats=1, micro_repeats=1,
-                       alloc_ops=1000, hitrate_steps=10, threads_calls=2000, scaling_seconds=0.5, scaling_steps=5)
+                       alloc_ops=1000, hitrate_steps=10, threads_calls=2000, scaling_seconds=0.5, scaling_steps=5,
+                       unizero_calls=25, unizero_threads=(1,))
         return cls(quick=False, micro_sizes=tuple(SIZES), calls={"8KiB": 3000, "96KiB": 3000, "1.27MiB": 800},
                    slots=200, xproc_calls=200, trace_steps=50, trace_sims=(25, 50), trace_threads=(1, 2, 4),
                    trace_processes=((1, 1), (1, 2), (2, 1)), trace_locks=("rw", "mutex"), trace_repeats=5,

@@ -334,6 +334,8 @@ class LightZeroCacheAdapter:
         self.mode = "original"
         self._original = {name: world_model.__dict__[name] for name in _REPLACED if name in world_model.__dict__}
         self._staging = _Staging(manager.wm_pool.capacity or manager.env_num)
+        #: The batched seam in modes "new" and "switch_over" on a LightZero 0.2.0 world model.
+        self.seam: Optional[Any] = None
 
     # -- modes ---------------------------------------------------------------------------
 
@@ -349,6 +351,7 @@ class LightZeroCacheAdapter:
             raise IntegrationError("after switch_over the original caches are released; re-create the world model")
         wm = self.world_model
         self._restore()
+        self.seam = None
         wm.clear_caches() if hasattr(wm, "clear_caches") else None
         self.collector.clear_all()  # this world model's entries only: other collectors keep theirs
         if mode in ("new", "switch_over"):
@@ -365,21 +368,31 @@ class LightZeroCacheAdapter:
                 pass
 
     def _restore(self) -> None:
+        from .lightzero_seam import BATCHED_SEAMS
+
         for name in _REPLACED:
             if name in self._original:
                 setattr(self.world_model, name, self._original[name])
             else:  # a method we shadowed on the instance: let the class's show through again
                 self.world_model.__dict__.pop(name, None)
+        for name in BATCHED_SEAMS:
+            self.world_model.__dict__.pop(name, None)
 
     def _install_new(self) -> None:
         wm, c, staging = self.world_model, self.collector, self._staging
+        wm.custom_copy_kv_cache_to_shared_init_envs = lambda src_kv, env_id: _Pending(src_kv)
+        wm.custom_copy_kv_cache_to_shared_recur = lambda src_kv: _Pending(src_kv)
+        from . import lightzero_seam  # it builds on this module's maps
+
+        if lightzero_seam.supports(wm):  # LightZero 0.2.0's WorldModel: the whole batch at once
+            self.seam = lightzero_seam.BatchedSeam(wm, c)
+            self.seam.install(staging)
+            return
         wm.past_kv_cache_init_infer_envs = [_PoolMap(_Route(c, e), staging) for e in range(c.env_num)]
         wm.past_kv_cache_recurrent_infer = _PoolMap(_Route(c, None), staging)
         wm.shared_pool_init_infer = [_TokenSlots() for _ in range(c.env_num)]
         wm.shared_pool_recur_infer = _TokenSlots()
         wm.shared_pool_wm = _TokenSlots()
-        wm.custom_copy_kv_cache_to_shared_init_envs = lambda src_kv, env_id: _Pending(src_kv)
-        wm.custom_copy_kv_cache_to_shared_recur = lambda src_kv: _Pending(src_kv)
         wm.custom_copy_kv_cache_to_shared_wm = lambda src_kv: src_kv if staging.owns(src_kv) else staging.copy_in(src_kv)
 
     def _install_validation(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -59,12 +59,15 @@ def twin(model: Any) -> Any:
 
 
 #: The clears a UniZero run makes besides the per-search one inside ``initial_inference``.
-CLEARS = ("reset_collect", "clear_caches")
+CLEARS = ("reset_collect", "clear_caches", "env_done", "eval_done", "recur")
 
 
 def clear(wm: Any, kind: str) -> None:
     """``reset_collect``: what ``UniZeroPolicy._reset_collect`` does every 200 steps of an episode;
-    ``clear_caches``: what training phases call (``recompute_pos_emb_diff_and_clear_cache``)."""
+    ``clear_caches``: what training phases call (``recompute_pos_emb_diff_and_clear_cache``);
+    ``env_done``: a collector env's episode end (its root dict); ``eval_done``: an evaluator env's
+    (its root dict, the recur dict, keys_values_wm_list); ``recur``: the recur dict alone (the
+    per-search clear, or the dormant-ratio analysis), which inside a search makes lookups miss."""
     if kind == "reset_collect":
         for env_dict in wm.past_kv_cache_init_infer_envs:
             env_dict.clear()
@@ -72,25 +75,38 @@ def clear(wm: Any, kind: str) -> None:
         wm.keys_values_wm_list.clear()
     elif kind == "clear_caches":
         wm.clear_caches()
+    elif kind == "env_done":
+        wm.past_kv_cache_init_infer_envs[0].clear()
+    elif kind == "eval_done":
+        wm.past_kv_cache_init_infer_envs[1].clear()
+        wm.past_kv_cache_recurrent_infer.clear()
+        wm.keys_values_wm_list.clear()
+    elif kind == "recur":
+        wm.past_kv_cache_recurrent_infer.clear()
     else:
         raise ValueError(f"unknown clear {kind!r}; expected one of {CLEARS}")
 
 
 def run_steps(model: Any, steps: int, seed: int = 0, env_ids: List[int] = None,
-              clears: Dict[int, str] = None, before_step: Any = None) -> Dict[str, Any]:
-    """Drive ``steps`` env steps; return every output and the world model's hit counters.
+              clears: Dict[int, str] = None, before_step: Any = None, sims: int = NUM_SIM,
+              sim_clears: Dict[Tuple[int, int], str] = None, envs: int = ENV_NUM) -> Dict[str, Any]:
+    """Drive ``steps`` env steps of ``sims`` simulations of ``envs`` envs (the model's
+    ``env_num``); return every output and the world model's hit counters.
 
-    ``seed`` picks the observation stream; ``clears`` maps a step to a clear made before it;
-    ``before_step(step)`` is called at the start of every step (to synchronise collectors)."""
+    ``seed`` picks the observation stream; ``clears`` maps a step to a clear made before it,
+    ``sim_clears`` a (step, simulation) to a clear made before that recurrent call;
+    ``before_step(step)`` is called at the start of every step (to synchronise collectors).
+    Inputs go to the model's device, as LightZero's policy puts them there."""
     torch.set_num_threads(1)
     rng = np.random.RandomState(seed)
     wm = model.world_model
+    device = wm.device
     outputs: List[torch.Tensor] = []
     calls = {"initial": 0, "recurrent": 0}
-    last_obs = torch.zeros(ENV_NUM, OBS_DIM)
-    last_action = [-1] * ENV_NUM
-    cur_obs = torch.from_numpy(rng.randn(ENV_NUM, OBS_DIM).astype(np.float32))
-    timestep = np.zeros(ENV_NUM, dtype=np.int64)
+    last_obs = torch.zeros(envs, OBS_DIM, device=device)
+    last_action = [-1] * envs
+    cur_obs = torch.from_numpy(rng.randn(envs, OBS_DIM).astype(np.float32)).to(device)
+    timestep = np.zeros(envs, dtype=np.int64)
     for step in range(steps):
         if before_step is not None:
             before_step(step)
@@ -101,12 +117,14 @@ def run_steps(model: Any, steps: int, seed: int = 0, env_ids: List[int] = None,
         calls["initial"] += 1
         outputs += [out.latent_state.clone(), out.value.clone(), out.policy_logits.clone()]
         root = out.latent_state.detach().cpu().numpy()
-        nodes = [[(root[b], 0)] for b in range(ENV_NUM)]
-        expanded: List[set] = [set() for _ in range(ENV_NUM)]
+        nodes = [[(root[b], 0)] for b in range(envs)]
+        expanded: List[set] = [set() for _ in range(envs)]
         history = []
-        for sim in range(NUM_SIM):
+        for sim in range(sims):
+            if sim_clears and (step, sim) in sim_clears:
+                clear(wm, sim_clears[(step, sim)])
             parents, actions, depths = [], [], []
-            for b in range(ENV_NUM):
+            for b in range(envs):
                 order = ([len(nodes[b]) - 1, 0] if sim % 2 == 0 else [0, len(nodes[b]) - 1]) + list(range(len(nodes[b])))
                 for idx in order:
                     free = [a for a in ((b + k) % ACTIONS for k in range(ACTIONS)) if (idx, a) not in expanded[b]]
@@ -117,17 +135,17 @@ def run_steps(model: Any, steps: int, seed: int = 0, env_ids: List[int] = None,
                 parents.append(latent)
                 actions.append(free[0])
                 depths.append(depth + 1)
-            history.append((np.asarray(parents), torch.from_numpy(np.asarray(actions)).long()))
+            history.append((np.asarray(parents), torch.from_numpy(np.asarray(actions)).long().to(device)))
             with torch.no_grad():
                 rec = model.recurrent_inference(history, sim, depths, timestep)
             calls["recurrent"] += 1
             outputs += [rec.latent_state.clone(), rec.reward.clone(), rec.value.clone(), rec.policy_logits.clone()]
             new = rec.latent_state.detach().cpu().numpy()
-            for b in range(ENV_NUM):
+            for b in range(envs):
                 nodes[b].append((new[b], depths[b]))
         action = [(int(a) + step + b) % ACTIONS for b, a in enumerate(out.policy_logits.argmax(-1).tolist())]
         last_obs, last_action = cur_obs, action
-        cur_obs = torch.from_numpy(rng.randn(ENV_NUM, OBS_DIM).astype(np.float32))
+        cur_obs = torch.from_numpy(rng.randn(envs, OBS_DIM).astype(np.float32)).to(device)
         timestep = timestep + 1
     return {
         "outputs": outputs,

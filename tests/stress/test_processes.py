@@ -12,9 +12,8 @@ import signal
 import time
 
 import pytest
-import torch
 
-from concurrent_kv import EntrySpec, KVCacheManager, KVCachePool
+from concurrent_kv import EntrySpec, KVCachePool
 from concurrent_kv.workload import WorkloadConfig, fill_entry, make_manager, run_processes, verify_entry
 
 from ..helpers import segment_fds
