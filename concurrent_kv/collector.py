@@ -20,7 +20,7 @@ hits on entries this collector did not store.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .batch import PinnedBatch, SizesLike, WriteBatch, check_keys
 from .checks import positive_int
@@ -29,6 +29,8 @@ from .errors import ClosedError, ConfigError, EnvIdError, PoolExhaustedError
 from .pool import KVCachePool
 
 if TYPE_CHECKING:
+    import torch
+
     from .manager import KVCacheManager
 
 __all__ = ["CollectorCaches"]
@@ -200,9 +202,25 @@ class CollectorCaches:
         pool = self.recur_pool
         slots = pool.set_many(cache_keys, entries, sizes, holder=self._holder[pool.name], partial=True,
                               entry_spec=entry_spec)
+        return self._stored_recur(cache_keys, slots)
+
+    def _store_recur_views(self, cache_keys: List[int], views: List[torch.Tensor], rows: List[Tuple[int, ...]],
+                           spec: EntrySpec) -> List[int]:
+        """:meth:`set_recur_many` without its per-entry checks, for the batched seam alone:
+        ``views`` are token prefixes of its own scratch block, shaped from ``spec`` (which the
+        pool still compares with its slots), ``rows`` their token counts per cache, at most the
+        views' lengths; the keys are xxh64 digests (plain ints in range)."""
+        self._check_open()
+        pool = self.recur_pool
+        pool._start_call()
+        slots = pool._store_many(cache_keys, spec, views, rows, 0.0, self._holder[pool.name], True)
+        return self._stored_recur(cache_keys, slots)
+
+    def _stored_recur(self, keys: Sequence[int], slots: List[int]) -> List[int]:
+        """Book a recur batch's stores: refusals counted, the stored keys remembered as ours."""
         refused = slots.count(-1)
         self.rejected += refused
-        self._stored[pool.name].update(cache_keys if not refused else [k for k, s in zip(cache_keys, slots) if s >= 0])
+        self._stored[self.recur_pool.name].update(keys if not refused else [k for k, s in zip(keys, slots) if s >= 0])
         return slots
 
     def commit(self, batch: WriteBatch) -> List[int]:

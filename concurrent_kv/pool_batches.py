@@ -169,6 +169,18 @@ class BatchPaths:
         for every key (pinned or held); with ``partial=True`` it reserves what it can and the
         batch reports the rest as refused. ``entry_spec`` shapes a pool that has no slots yet.
         """
+        keys, prio = self._check_batch_call(cache_keys, priority, holder, partial, entry_spec)
+        spec = self._spec if self._spec is not None else entry_spec
+        if spec is None:
+            raise EntryMismatchError(f"pool {self.name!r} has no slots yet: pass entry_spec= (or set one entry)")
+        if entry_spec is not None and entry_spec is not spec and entry_spec != spec:
+            raise EntryMismatchError(f"entry_spec {entry_spec} differs from the pool's slots {spec}")
+        rows = check_sizes(sizes, len(keys), 2 * spec.num_layers, spec.max_tokens)
+        return self._reserve_batch(keys, rows, spec, prio, holder, partial)
+
+    def _check_batch_call(self, cache_keys: Sequence[int], priority: Optional[float], holder: Optional[int],
+                          partial: bool, entry_spec: Optional[EntrySpec]) -> Tuple[List[int], float]:
+        """The checks every batched write starts with: the keys (as plain ints) and the priority."""
         keys = check_keys(cache_keys)
         prio = 0.0 if priority is None else check_priority(priority)
         boolean("partial", partial)
@@ -177,12 +189,10 @@ class BatchPaths:
         self._start_call()
         if holder is not None:
             self._check_holder(holder)
-        spec = self._spec if self._spec is not None else entry_spec
-        if spec is None:
-            raise EntryMismatchError(f"pool {self.name!r} has no slots yet: pass entry_spec= (or set one entry)")
-        if entry_spec is not None and entry_spec is not spec and entry_spec != spec:
-            raise EntryMismatchError(f"entry_spec {entry_spec} differs from the pool's slots {spec}")
-        rows = check_sizes(sizes, len(keys), 2 * spec.num_layers, spec.max_tokens)
+        return keys, prio
+
+    def _reserve_batch(self, keys: List[int], rows: List[Tuple[int, ...]], spec: EntrySpec, prio: float,
+                       holder: Optional[int], partial: bool) -> WriteBatch:
         distinct = len(set(keys)) == len(keys)
         slots = self._reserve_many(keys, distinct, spec, partial)
         assert self._storage is not None
@@ -243,19 +253,24 @@ class BatchPaths:
         has no slots yet. In process, the batch is reserved, copied and published under one
         hold of the lock.
         """
-        keys = check_keys(cache_keys)
-        if entry_spec is not None:
-            instance_of("entry_spec", entry_spec, EntrySpec)
-        self._start_call()
+        keys, prio = self._check_batch_call(cache_keys, priority, holder, partial, entry_spec)
         spec, data, rows = entries_data(self._spec or entry_spec, entries, sizes, len(keys))
-        if not self._split_writes and self._spec is not None and spec == self._spec and len(set(keys)) == len(keys):
+        return self._store_many(keys, spec, data, rows, prio, holder, partial)
+
+    def _store_many(self, keys: List[int], spec: Optional[EntrySpec], data: List[Any], rows: List[Tuple[int, ...]],
+                    prio: float, holder: Optional[int], partial: bool) -> List[int]:
+        """set_many past its checks: ``data[i]`` is entry ``i``'s block (or token prefix) or its
+        tensors, ``rows[i]`` its token counts, all of ``spec`` (callers that build their views
+        from the pool's own spec, as the batched seam does, enter here)."""
+        own = self._spec
+        if own is not None and (spec is own or spec == own) and not self._split_writes and len(set(keys)) == len(keys):
             # In process: reserve, copy and publish under one hold of the lock, as set does.
-            prio = 0.0 if priority is None else check_priority(priority)
-            boolean("partial", partial)
-            if holder is not None:
-                self._check_holder(holder)
             return self._set_many_locked(keys, data, rows, prio, holder, partial)
-        batch = self.write_many(keys, rows, priority, holder=holder, partial=partial, entry_spec=spec)
+        if spec is None:  # an empty batch for a pool without slots
+            raise EntryMismatchError(f"pool {self.name!r} has no slots yet: pass entry_spec= (or set one entry)")
+        if own is not None and spec != own:
+            raise EntryMismatchError(f"entry_spec {spec} differs from the pool's slots {own}")
+        batch = self._reserve_batch(keys, rows, spec, prio, holder, partial)
         with batch:
             assert self._storage is not None
             dst, src = _copy_pairs(self._storage, [(i, batch.slots[i]) for i in batch.positions()], data)

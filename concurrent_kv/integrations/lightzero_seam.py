@@ -209,7 +209,9 @@ class BatchedSeam:
         self.wm, self.collector = world_model, collector
         self.pins = _Pins()
         probe = world_model.transformer.generate_empty_keys_values(n=1, max_tokens=world_model.context_length)
-        self.spec = EntrySpec.of(probe)  # LightZero's own entry: (1, heads, context, hd), default dtype
+        spec = EntrySpec.of(probe)  # LightZero's own entry: (1, heads, context, hd), default dtype
+        # The recur pool's own spec object when they agree, so its per-store comparison is an identity.
+        self.spec = spec if collector.recur_pool.entry_spec != spec else collector.recur_pool.entry_spec
         self._digest = _key_function(world_model)
         self._scratch: Dict[int, _Scratch] = {}
         self._diff: Tuple[List[torch.Tensor], Optional[torch.Tensor]] = ([], None)
@@ -338,8 +340,10 @@ class BatchedSeam:
             windows = [sc.window(env, starts[env], lengths[env]) for env in range(envs)]
             if is_init_infer:
                 self._store_roots(keys, windows, sizes)
-            else:  # one batch, one lock hold, one copy
-                self.collector.set_recur_many(keys, windows, sizes, self.spec)
+            else:  # one batch, one lock hold, one copy, of views of the scratch block: nothing to check
+                width = 2 * self.spec.num_layers
+                rows = [(size,) * width if isinstance(size, int) else tuple(size) for size in sizes]
+                self.collector._store_recur_views(keys, windows, rows, self.spec)
 
     def _cuts(self, envs: int, is_init_infer: bool) -> Tuple[List[int], List[SizesLike], List[int]]:
         """Where each env's entry starts in its row, its token counts, and which envs roll their
