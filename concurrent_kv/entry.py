@@ -427,7 +427,7 @@ class EntrySpec:
     def _fitting_foreign(self, kv: Any) -> Optional[Tuple[List[torch.Tensor], Tuple[int, ...]]]:
         """The hot path of an entry in LightZero's own layout (a tensor per cache): its tensors
         and sizes in one pass when everything fits, else None (the full check then says why)."""
-        shape, dtype, top = self._layer_size, self.dtype, self.max_tokens
+        shape, dtype, top, on_cpu = self._layer_size, self.dtype, self.max_tokens, self._on_cpu
         tensors: List[torch.Tensor] = []
         sizes: List[int] = []
         try:
@@ -437,7 +437,8 @@ class EntrySpec:
                 if type(kt) is not torch.Tensor or type(vt) is not torch.Tensor or type(ks) is not int \
                         or type(vs) is not int or not (0 <= ks <= top and 0 <= vs <= top) \
                         or kt.shape != shape or vt.shape != shape or kt.dtype is not dtype or vt.dtype is not dtype \
-                        or not self.holds_device(kt) or not self.holds_device(vt) or kt.requires_grad or vt.requires_grad:
+                        or kt.requires_grad or vt.requires_grad \
+                        or not (kt.is_cpu and vt.is_cpu if on_cpu else self.holds_device(kt) and self.holds_device(vt)):
                     return None
                 tensors += (kt, vt)
                 sizes += (ks, vs)

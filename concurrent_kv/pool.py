@@ -468,9 +468,13 @@ class KVCachePool(WritePaths, BatchPaths):
         of our intact entries. Its token counts are about to be overwritten, so one of ours only
         needs its block's shape, dtype and device checked (the hot path)."""
         spec = self._spec
-        if spec is not None and spec.own_block(out) is not None:
-            return None
-        _, data, _ = self._check_entry(out)
+        if spec is not None:
+            if spec.own_block(out) is not None:
+                return None
+            fitting = spec._fitting_foreign(out)  # LightZero's layout: the next hot path
+            if fitting is not None:
+                return fitting[0]
+        _, data, _ = self._check_entry(out)  # anything else: the full check, and its errors
         return None if isinstance(data, torch.Tensor) else data
 
     def _check_entry(self, kv: Any) -> Tuple[EntrySpec, Any, Tuple[int, ...]]:
