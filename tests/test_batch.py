@@ -327,6 +327,48 @@ def test_set_many_on_an_empty_pool_takes_the_entries_shape() -> None:
     assert tensor_pool.get(1).size == 2
 
 
+def test_an_empty_batch_for_a_pool_without_slots_is_refused() -> None:
+    pool = KVCachePool(3)
+    with pytest.raises(EntryMismatchError):
+        pool.set_many([], [])
+    assert pool.entry_spec is None and len(pool) == 0
+    assert pool.set_many([], [], entry_spec=SMALL) == [] and pool.entry_spec == SMALL
+
+
+def test_a_copy_that_fails_under_the_lock_stores_nothing_and_frees_its_slots(monkeypatch) -> None:
+    pool = populated_pool()
+    before = {k: pool.get(k) for k in pool.keys()}
+
+    def broken(dst, src):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(torch, "_foreach_copy_", broken)
+    with pytest.raises(RuntimeError):
+        pool.set_many([7], [entry(7.0)])
+    monkeypatch.undo()
+    assert sorted(pool.keys()) == sorted(before) and 7 not in pool
+    assert pool.occupancy().free == 1 and pool.occupancy().pins == 0
+    for k, kv in before.items():
+        assert torch.equal(pool.get(k)._block, kv._block)
+    pool.check()
+
+
+def test_the_seams_unchecked_store_still_refuses_another_spec() -> None:
+    """CollectorCaches._store_recur_views skips the per-entry checks, not the spec comparison."""
+    m = KVCacheManager({"init_pool_size": 2, "recur_pool_size": 3, "wm_pool_size": 1}, 1, entry_spec=SMALL)
+    c = m.collector(0, 1)
+    other = EntrySpec(SMALL.num_layers, 1, SMALL.num_heads, SMALL.max_tokens, SMALL.head_dim * 2)
+    with pytest.raises(EntryMismatchError):
+        c._store_recur_views([5], [torch.zeros(*other.block_shape)], [(1,) * (2 * other.num_layers)], other)
+    assert len(m.recur_pool) == 0 and c.rejected == 0
+    views = [keyed_entry(5)._block]
+    assert c._store_recur_views([5], views, [sizes_of(keyed_entry(5))], SMALL) == [0]
+    assert is_entry_of(m.recur_pool.get(5), 5) and m.recur_pool.occupancy().held == 1
+    c.close()
+    m.check()
+    m.close()
+
+
 def test_batches_interleave_with_single_calls_from_threads() -> None:
     pool = KVCachePool(64, entry_spec=SMALL)
     errors = []

@@ -86,7 +86,7 @@ def _key_function(world_model: Any) -> Callable[[np.ndarray], int]:
     return lambda state: _key(lightzero_hash(state))
 
 
-class _Token:
+class _PinnedEntry:
     """A pinned entry where LightZero holds a slot index, a slot's entry or a staged copy: the
     batched copy reads it; ``size`` is what LightZero reads (layer 0's K token count)."""
 
@@ -120,7 +120,7 @@ class _Pins:
 
 
 class _PinMap(_PoolMap):
-    """A key -> slot map whose ``get`` pins the entry and returns a :class:`_Token` (copied
+    """A key -> slot map whose ``get`` pins the entry and returns a :class:`_PinnedEntry` (copied
     once, with the rest of the batch, by the batched copy)."""
 
     def __init__(self, route: _Route, staging: _Staging, pins: _Pins) -> None:
@@ -131,7 +131,7 @@ class _PinMap(_PoolMap):
         c, env = self._route.collector, self._route.env_id
         k = _key(key)
         batch = self._pins.add(c.pin_recur_many([k]) if env is None else c.pin_init(env, k))
-        return _Token(batch, 0) if batch.slots[0] >= 0 else default
+        return _PinnedEntry(batch, 0) if batch.slots[0] >= 0 else default
 
     def clear(self) -> None:
         self._pins.release_all()  # a cleared entry's slot is reused as soon as it is unpinned
@@ -250,13 +250,13 @@ class BatchedSeam:
         self.pins.release_all()
         digest = self._digest
         keys = [digest(latent_state[i]) for i in range(ready_env_num)]
-        found: List[Optional[_Token]] = [
-            _Token(self.pins.add(batch), 0) if batch.hits else None for batch in self.collector.pin_roots(keys)]
+        found: List[Optional[_PinnedEntry]] = [
+            _PinnedEntry(self.pins.add(batch), 0) if batch.hits else None for batch in self.collector.pin_roots(keys)]
         rest = [i for i, token in enumerate(found) if token is None]
         if rest:
             recur = self.pins.add(self.collector.pin_recur_many([keys[i] for i in rest]))
             for j, i in enumerate(rest):
-                found[i] = _Token(recur, j) if recur.slots[j] >= 0 else None
+                found[i] = _PinnedEntry(recur, j) if recur.slots[j] >= 0 else None
         entries, sizes = wm.keys_values_wm_list, wm.keys_values_wm_size_list
         for env, token in enumerate(found):
             if token is not None:
@@ -289,7 +289,7 @@ class BatchedSeam:
         dst: List[torch.Tensor] = []
         src: List[torch.Tensor] = []
         for env, entry in enumerate(entries):
-            if type(entry) is _Token:
+            if type(entry) is _PinnedEntry:
                 dst.append(sc.window(env, pads[env], sizes[env]))
                 src.append(entry.view(sizes[env]))
             else:  # a recomputed miss: LightZero's own entry, one tensor per cache
