@@ -166,8 +166,11 @@ class PinnedBatch:
     def view(self, i: int, tokens: Optional[int] = None) -> torch.Tensor:
         """Position ``i``'s slot tensor, or its first ``tokens`` tokens (zero-copy; valid until
         release)."""
+        slot = self.slots[i]
+        if slot < 0 or self._released:  # the hot path checks inline; _slot says what is wrong
+            slot = self._slot(i)
         assert self._storage is not None
-        return self._storage.slot(self._slot(i), tokens)
+        return self._storage.slot(slot, tokens)
 
     def sizes(self, i: int) -> Tuple[int, ...]:
         """Position ``i``'s token counts (K0, V0, K1, V1, ...)."""
@@ -178,6 +181,13 @@ class PinnedBatch:
         """Position ``i``'s first token count (layer 0's K: LightZero's ``KeysValues.size``)."""
         assert self._storage is not None
         return self._storage.size(self._slot(i))
+
+    def first_sizes(self) -> List[int]:
+        """Every position's first token count (as :meth:`size`), -1 for a miss: one call per batch."""
+        if self._released and self.hits:
+            raise ClosedError("this batch's pins were released: its slots may hold other entries now")
+        storage = self._storage
+        return [-1 if slot < 0 or storage is None else storage.size(slot) for slot in self.slots]
 
     def entry(self, i: int) -> Any:
         """Position ``i`` as a zero-copy :class:`~concurrent_kv.entry.KeysValues` (read only)."""

@@ -106,7 +106,8 @@ class BatchPaths:
         # An in-process index is a dict: a lock-free look is atomic under the GIL, so a batch
         # that misses entirely (UniZero probes each env's root pool for every search node)
         # needs no lock round trip. A shared index is read under the lock only.
-        if self._capacity is None or (not self._shared and _none_in(keys, index)):
+        if self._capacity is None or (not self._shared and (
+                keys[0] not in index if len(keys) == 1 else _none_in(keys, index))):
             with self._meta_lock:
                 self._counters[MISSES] += self._stats_on * len(keys)
             return PinnedBatch(self, keys, [-1] * len(keys), 0, None)

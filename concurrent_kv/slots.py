@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .errors import InvariantError, PoolExhaustedError
 from .state import (
@@ -171,8 +171,8 @@ class SlotTable:
         for key, slot in zip(keys, slots):
             own[slot] -= 1
             self.publish(key, slot, priority)
-            if holder is not None:
-                self.hold(slot, holder)
+        if holder is not None:
+            self.hold_many(slots, holder)
 
     def unreserve(self, slot: int) -> None:
         """The split write of ``slot`` is over: drop its pin (then :meth:`publish` or :meth:`give_back`)."""
@@ -243,11 +243,16 @@ class SlotTable:
 
     def hold(self, slot: int, holder: int) -> None:
         """``holder`` keeps ``slot``'s entry (a READY slot) until it lets go."""
+        self.hold_many((slot,), holder)
+
+    def hold_many(self, slots: Sequence[int], holder: int) -> None:
+        """``holder`` keeps each of ``slots``' entries (READY slots) until it lets go."""
         holds = self.state.holds
-        row = holds.row(holder)
-        if not row[slot]:
-            row[slot] = 1
-            holds.count[slot] += 1
+        row, count = holds.row(holder), holds.count
+        for slot in slots:
+            if not row[slot]:
+                row[slot] = 1
+                count[slot] += 1
 
     def let_go(self, holder: int) -> int:
         """Release every hold of ``holder``; entries nobody holds any more are removed, as a

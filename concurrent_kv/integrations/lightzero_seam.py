@@ -51,6 +51,8 @@ BATCHED_SEAMS = ("trim_and_pad_kv_cache", "update_cache_context", "retrieve_or_g
 _NEEDS = BATCHED_SEAMS + ("transformer", "context_length", "num_layers", "forward", "reanalyze_phase")
 #: Scratch blocks kept per batch size (reanalysis batches vary; collect and eval use one or two).
 _SCRATCH_KEPT = 4
+#: Window lists kept per scratch block (one per combination of the envs' cuts seen).
+_CUTS_KEPT = 1024
 
 
 def supports(world_model: Any) -> bool:
@@ -92,9 +94,9 @@ class _PinnedEntry:
 
     __slots__ = ("batch", "index", "size")
 
-    def __init__(self, batch: PinnedBatch, index: int) -> None:
+    def __init__(self, batch: PinnedBatch, index: int, size: int = -1) -> None:
         self.batch, self.index = batch, index
-        self.size = batch.size(index)
+        self.size = batch.size(index) if size < 0 else size  # a batch's sizes come in one call
 
     def view(self, tokens: int) -> torch.Tensor:
         return self.batch.view(self.index, tokens)
@@ -174,6 +176,7 @@ class _Scratch:
         self.kv = world_model.transformer.generate_empty_keys_values(n=batch, max_tokens=self.tokens)  # LightZero's
         self._caches = [c for layer in self.kv._keys_values for c in (layer._k_cache, layer._v_cache)]
         self._views: Dict[Tuple[int, int, int, int], torch.Tensor] = {}
+        self._cuts: Dict[Tuple[int, ...], List[torch.Tensor]] = {}
 
     def window(self, env: int, start: int, length: int, stop_env: int = -1) -> torch.Tensor:
         """Tokens ``[start, start + length)`` of envs ``env .. stop_env - 1`` (default: ``env``
@@ -184,6 +187,18 @@ class _Scratch:
         if view is None:
             view = self._views[key] = self.block[:, env:stop_env, :, start : start + length]
         return view
+
+    def windows(self, starts: Sequence[int], lengths: Sequence[int]) -> List[torch.Tensor]:
+        """Every env's window, env ``i``'s tokens ``[starts[i], starts[i] + lengths[i])``: one
+        list per cut, made once (a search repeats a handful of cuts). Read it, never change it."""
+        key = (*starts, *lengths)
+        views = self._cuts.get(key)
+        if views is None:
+            if len(self._cuts) >= _CUTS_KEPT:
+                self._cuts.clear()
+            views = self._cuts[key] = [self.window(env, start, length)
+                                       for env, (start, length) in enumerate(zip(starts, lengths))]
+        return views
 
     def bind(self, size: int) -> Any:
         """The model's keys_values_wm over the block, ``size`` tokens valid."""
@@ -255,8 +270,9 @@ class BatchedSeam:
         rest = [i for i, token in enumerate(found) if token is None]
         if rest:
             recur = self.pins.add(self.collector.pin_recur_many([keys[i] for i in rest]))
-            for j, i in enumerate(rest):
-                found[i] = _PinnedEntry(recur, j) if recur.slots[j] >= 0 else None
+            for j, size in enumerate(recur.first_sizes()):
+                if size >= 0:
+                    found[rest[j]] = _PinnedEntry(recur, j, size)
         entries, sizes = wm.keys_values_wm_list, wm.keys_values_wm_size_list
         for env, token in enumerate(found):
             if token is not None:
@@ -286,17 +302,7 @@ class BatchedSeam:
         entries, sizes = wm.keys_values_wm_list, wm.keys_values_wm_size_list
         longest, sc = max(sizes), self.scratch(len(entries))
         pads = [longest - size for size in sizes]
-        dst: List[torch.Tensor] = []
-        src: List[torch.Tensor] = []
-        for env, entry in enumerate(entries):
-            if type(entry) is _PinnedEntry:
-                dst.append(sc.window(env, pads[env], sizes[env]))
-                src.append(entry.view(sizes[env]))
-            else:  # a recomputed miss: LightZero's own entry, one tensor per cache
-                window = sc.window(env, pads[env], sizes[env])
-                for cache, tensor in enumerate(self._fitting(entry)):
-                    dst.append(window[cache])
-                    src.append(tensor[:, :, : sizes[env]])
+        dst, src = self._copy_pairs(sc, entries, sizes, pads)
         padded = _runs(pads, [env for env, pad in enumerate(pads) if pad])
         with _no_grad():
             torch._foreach_copy_(dst, src)
@@ -305,6 +311,31 @@ class BatchedSeam:
         self.pins.release_all()
         _set(wm, keys_values_wm=sc.bind(longest))
         return sizes
+
+    def _copy_pairs(self, sc: _Scratch, entries: List[Any], sizes: List[int],
+                    pads: List[int]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """(row window, entry) pairs that build keys_values_wm: every entry's valid tokens, right-
+        aligned behind its padding. When every entry is pinned (the usual case) the windows are
+        the cut's cached list."""
+        src: List[torch.Tensor] = []
+        for entry, size in zip(entries, sizes):
+            if type(entry) is not _PinnedEntry:
+                break
+            src.append(entry.view(size))
+        else:
+            return sc.windows(pads, sizes), src
+        dst: List[torch.Tensor] = []
+        src = []
+        for env, entry in enumerate(entries):
+            window = sc.window(env, pads[env], sizes[env])
+            if type(entry) is _PinnedEntry:
+                dst.append(window)
+                src.append(entry.view(sizes[env]))
+            else:  # a recomputed miss: LightZero's own entry, one tensor per cache
+                for cache, tensor in enumerate(self._fitting(entry)):
+                    dst.append(window[cache])
+                    src.append(tensor[:, :, : sizes[env]])
+        return dst, src
 
     def _fitting(self, entry: Any) -> List[torch.Tensor]:
         tensors, _ = entry_tensors(entry)
@@ -332,17 +363,18 @@ class BatchedSeam:
         starts, sizes, rolled = self._cuts(envs, is_init_infer)
         keys = self._keys(latent_state)
         # Each entry's valid tokens, where they are cut from (past an entry's size nothing is read).
-        lengths = [size if isinstance(size, int) else max(size) for size in sizes]
+        uniform = all(type(size) is int for size in sizes)  # one count for every cache: the usual case
+        lengths = cast(List[int], sizes) if uniform else [size if isinstance(size, int) else max(size) for size in sizes]
         with _no_grad():
             if rolled and not wm.config.rotary_emb:  # LightZero's positional correction, in place
                 shifted = [sc.window(first, start, sc.tokens - 3, stop) for first, stop, start in _runs(starts, rolled)]
                 torch._foreach_add_(shifted, [self._pos_emb_diff()] * len(shifted))
-            windows = [sc.window(env, starts[env], lengths[env]) for env in range(envs)]
+            windows = sc.windows(starts, lengths)
             if is_init_infer:
                 self._store_roots(keys, windows, sizes)
             else:  # one batch, one lock hold, one copy, of views of the scratch block: nothing to check
                 width = 2 * self.spec.num_layers
-                rows = [(size,) * width if isinstance(size, int) else tuple(size) for size in sizes]
+                rows = [(size,) * width if uniform or isinstance(size, int) else tuple(size) for size in sizes]
                 self.collector._store_recur_views(keys, windows, rows, self.spec)
 
     def _cuts(self, envs: int, is_init_infer: bool) -> Tuple[List[int], List[SizesLike], List[int]]:
