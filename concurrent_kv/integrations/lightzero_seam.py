@@ -363,7 +363,8 @@ class BatchedSeam:
         starts, sizes, rolled = self._cuts(envs, is_init_infer)
         keys = self._keys(latent_state)
         # Each entry's valid tokens, where they are cut from (past an entry's size nothing is read).
-        uniform = all(type(size) is int for size in sizes)  # one count for every cache: the usual case
+        # One count for every cache (the usual case): _cuts gives every env the same kind of size.
+        uniform = not sizes or type(sizes[0]) is int
         lengths = cast(List[int], sizes) if uniform else [size if isinstance(size, int) else max(size) for size in sizes]
         with _no_grad():
             if rolled and not wm.config.rotary_emb:  # LightZero's positional correction, in place
