@@ -394,7 +394,7 @@ class EntrySpec:
         :class:`KeysValues` (one copy moves it), else its list of K0, V0, K1, V1, ... tensors.
         Raises :class:`InvalidEntryError` or :class:`EntryMismatchError` saying what was expected.
         """
-        block = self.own_block(kv)
+        block = self.own_block(kv) if type(kv) is KeysValues else None
         if block is not None:  # one pass, no generator: this runs on every set
             top = self.max_tokens
             found: List[int] = []

@@ -82,16 +82,23 @@ class ReaderWriterLock:
         self._write_hold = _Release(self._release_write)
 
     def acquire_read(self, timeout: float) -> Releasable:
-        deadline = time.monotonic() + timeout
+        # The deadline is set at the first wait: an uncontended acquisition reads no clock.
+        deadline = 0.0
         turnstile, count_lock = self._turnstile, self._count_lock
-        if not (turnstile.acquire(False) or _wait(turnstile, deadline)):
-            raise LockTimeoutError(f"{self._name}: no read lock within {timeout} s")
-        try:
-            if not (count_lock.acquire(False) or _wait(count_lock, deadline)):
+        if not turnstile.acquire(False):
+            deadline = time.monotonic() + timeout
+            if not _wait(turnstile, deadline):
                 raise LockTimeoutError(f"{self._name}: no read lock within {timeout} s")
-            try:
-                if self._readers == 0 and not (self._room.acquire(False) or _wait(self._room, deadline)):
+        try:
+            if not count_lock.acquire(False):
+                deadline = deadline or time.monotonic() + timeout
+                if not _wait(count_lock, deadline):
                     raise LockTimeoutError(f"{self._name}: no read lock within {timeout} s")
+            try:
+                if self._readers == 0 and not self._room.acquire(False):
+                    deadline = deadline or time.monotonic() + timeout
+                    if not _wait(self._room, deadline):
+                        raise LockTimeoutError(f"{self._name}: no read lock within {timeout} s")
                 self._readers += 1
             finally:
                 count_lock.release()
@@ -108,13 +115,17 @@ class ReaderWriterLock:
                 self._room.release()
 
     def acquire_write(self, timeout: float) -> Releasable:
-        deadline = time.monotonic() + timeout
+        deadline = 0.0  # set at the first wait, as in acquire_read
         turnstile, room = self._turnstile, self._room
-        if not (turnstile.acquire(False) or _wait(turnstile, deadline)):
-            raise LockTimeoutError(f"{self._name}: no write lock within {timeout} s")
-        if not (room.acquire(False) or _wait(room, deadline)):
-            turnstile.release()
-            raise LockTimeoutError(f"{self._name}: no write lock within {timeout} s")
+        if not turnstile.acquire(False):
+            deadline = time.monotonic() + timeout
+            if not _wait(turnstile, deadline):
+                raise LockTimeoutError(f"{self._name}: no write lock within {timeout} s")
+        if not room.acquire(False):
+            deadline = deadline or time.monotonic() + timeout
+            if not _wait(room, deadline):
+                turnstile.release()
+                raise LockTimeoutError(f"{self._name}: no write lock within {timeout} s")
         return self._write_hold
 
     def _release_write(self) -> None:
