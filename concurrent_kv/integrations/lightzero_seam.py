@@ -302,7 +302,7 @@ class BatchedSeam:
         entries, sizes = wm.keys_values_wm_list, wm.keys_values_wm_size_list
         longest, sc = max(sizes), self.scratch(len(entries))
         pads = [longest - size for size in sizes]
-        dst, src = self._copy_pairs(sc, entries, sizes, pads)
+        dst, src = self._row_pairs(sc, entries, sizes, pads)
         padded = _runs(pads, [env for env, pad in enumerate(pads) if pad])
         with _no_grad():
             torch._foreach_copy_(dst, src)
@@ -312,7 +312,7 @@ class BatchedSeam:
         _set(wm, keys_values_wm=sc.bind(longest))
         return sizes
 
-    def _copy_pairs(self, sc: _Scratch, entries: List[Any], sizes: List[int],
+    def _row_pairs(self, sc: _Scratch, entries: List[Any], sizes: List[int],
                     pads: List[int]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """(row window, entry) pairs that build keys_values_wm: every entry's valid tokens, right-
         aligned behind its padding. When every entry is pinned (the usual case) the windows are
@@ -331,19 +331,12 @@ class BatchedSeam:
             if type(entry) is _PinnedEntry:
                 dst.append(window)
                 src.append(entry.view(sizes[env]))
-            else:  # a recomputed miss: LightZero's own entry, one tensor per cache
-                for cache, tensor in enumerate(self._fitting(entry)):
+            else:  # a recomputed miss: LightZero's own entry, checked as a pool checks a stored one
+                data, _ = self.spec.check(entry)
+                for cache, tensor in enumerate(data):  # one tensor per cache (a block's rows alike)
                     dst.append(window[cache])
                     src.append(tensor[:, :, : sizes[env]])
         return dst, src
-
-    def _fitting(self, entry: Any) -> List[torch.Tensor]:
-        tensors, _ = entry_tensors(entry)
-        spec = self.spec
-        if len(tensors) != 2 * spec.num_layers or any(
-                t.shape != spec.layer_shape or t.dtype != spec.dtype or t.device != spec.device for t in tensors):
-            raise IntegrationError(f"an entry in keys_values_wm_list is not LightZero's {spec}: {EntrySpec.of(entry)}")
-        return tensors
 
     # -- stores ----------------------------------------------------------------------------
 
