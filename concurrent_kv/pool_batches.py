@@ -171,13 +171,18 @@ class BatchPaths:
         batch reports the rest as refused. ``entry_spec`` shapes a pool that has no slots yet.
         """
         keys, prio = self._check_batch_call(cache_keys, priority, holder, partial, entry_spec)
-        spec = self._spec if self._spec is not None else entry_spec
-        if spec is None:
-            raise EntryMismatchError(f"pool {self.name!r} has no slots yet: pass entry_spec= (or set one entry)")
-        if entry_spec is not None and entry_spec is not spec and entry_spec != spec:
-            raise EntryMismatchError(f"entry_spec {entry_spec} differs from the pool's slots {spec}")
+        spec = self._batch_spec(entry_spec)
         rows = check_sizes(sizes, len(keys), 2 * spec.num_layers, spec.max_tokens)
         return self._reserve_batch(keys, rows, spec, prio, holder, partial)
+
+    def _batch_spec(self, given: Optional[EntrySpec]) -> EntrySpec:
+        """The shape a batch is written in: the pool's slots, or ``given`` for a pool with none yet."""
+        spec = self._spec if self._spec is not None else given
+        if spec is None:
+            raise EntryMismatchError(f"pool {self.name!r} has no slots yet: pass entry_spec= (or set one entry)")
+        if given is not None and given is not spec and given != spec:
+            raise EntryMismatchError(f"entry_spec {given} differs from the pool's slots {spec}")
+        return spec
 
     def _check_batch_call(self, cache_keys: Sequence[int], priority: Optional[float], holder: Optional[int],
                           partial: bool, entry_spec: Optional[EntrySpec]) -> Tuple[List[int], float]:
@@ -267,11 +272,7 @@ class BatchPaths:
         if own is not None and (spec is own or spec == own) and not self._split_writes and len(set(keys)) == len(keys):
             # In process: reserve, copy and publish under one hold of the lock, as set does.
             return self._set_many_locked(keys, data, rows, prio, holder, partial)
-        if spec is None:  # an empty batch for a pool without slots
-            raise EntryMismatchError(f"pool {self.name!r} has no slots yet: pass entry_spec= (or set one entry)")
-        if own is not None and spec != own:
-            raise EntryMismatchError(f"entry_spec {spec} differs from the pool's slots {own}")
-        batch = self._reserve_batch(keys, rows, spec, prio, holder, partial)
+        batch = self._reserve_batch(keys, rows, self._batch_spec(spec), prio, holder, partial)
         with batch:
             assert self._storage is not None
             dst, src = _copy_pairs(self._storage, [(i, batch.slots[i]) for i in batch.positions()], data)
