@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["PinnedBatch", "WriteBatch", "check_keys", "check_sizes", "entries_data"]
 
 SizesLike = Union[int, Sequence[int]]
+_RELEASED = "this batch's pins were released: its slots may hold other entries now"
 
 
 def check_keys(cache_keys: Any) -> List[int]:
@@ -160,7 +161,7 @@ class PinnedBatch:
         if slot < 0:
             raise KeyError(f"key {self.keys[i]} (position {i}) missed")
         if self._released:
-            raise ClosedError("this batch's pins were released: its slots may hold other entries now")
+            raise ClosedError(_RELEASED)
         return slot
 
     def view(self, i: int, tokens: Optional[int] = None) -> torch.Tensor:
@@ -185,7 +186,7 @@ class PinnedBatch:
     def first_sizes(self) -> List[int]:
         """Every position's first token count (as :meth:`size`), -1 for a miss: one call per batch."""
         if self._released and self.hits:
-            raise ClosedError("this batch's pins were released: its slots may hold other entries now")
+            raise ClosedError(_RELEASED)
         storage = self._storage
         return [-1 if slot < 0 or storage is None else storage.size(slot) for slot in self.slots]
 

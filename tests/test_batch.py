@@ -54,11 +54,14 @@ def test_lookup_many_pins_hits_under_one_batch_and_counts_them(small_pool: KVCac
         assert torch.equal(batch.view(0), block_of(keyed_entry(2)))
         assert is_entry_of(batch.entry(2), 1) and batch.sizes(2) == sizes_of(keyed_entry(1))
         assert small_pool.occupancy().pins == 2
+        assert batch.first_sizes() == [sizes_of(keyed_entry(2))[0], -1, sizes_of(keyed_entry(1))[0]]
         with pytest.raises(KeyError):
             batch.view(1)
     assert small_pool.occupancy().pins == 0
     with pytest.raises(ClosedError):
         batch.view(0)  # released: the slot may hold another entry now
+    with pytest.raises(ClosedError):
+        batch.first_sizes()
     batch.release()  # idempotent
     s = small_pool.stats_snapshot()
     assert (s.hits, s.misses) == (2, 1)
